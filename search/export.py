@@ -1,0 +1,91 @@
+"""Read a Ray Tune experiment folder back and write `trials.csv` (one row per trial)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from trainables.files import write_csv
+
+TUNE_DIR = "tune"  # Ray's storage for an experiment: results/<name>/tune/
+
+# What each status in trials.csv means (the README repeats this table).
+STATUSES = {
+    "COMPLETED": "ran all --max-epochs epochs",
+    "STOPPED": "stopped early by ASHA or the time budget; its best epoch still counts",
+    "DIVERGED": "its loss became NaN or infinite; stopped at once",
+    "ERROR": "raised an exception on every retry; the message is in the error column",
+    "PENDING": "not started (the search was interrupted; --resume runs it)",
+    "RUNNING": "unfinished (the search was interrupted; --resume continues it from its last checkpoint)",
+    "PAUSED": "paused by the scheduler when the search was interrupted; --resume continues it",
+}
+_LEADING = ["trial_id", "status", "val_acc", "epochs", "seconds", "node_id", "val_loss", "train_loss",
+            "train_acc", "images_per_s", "found_lr", "error"]
+
+
+def _read_results(trial_dir: Path) -> list[dict]:
+    path = trial_dir / "result.json"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill
+            break
+    return rows
+
+
+def _status(ray_status: str, last: dict, epochs: int, max_epochs: int) -> str:
+    if ray_status == "ERROR":
+        return "ERROR"
+    if last.get("diverged"):
+        return "DIVERGED"
+    if ray_status == "TERMINATED":
+        return "COMPLETED" if epochs >= max_epochs else "STOPPED"
+    return ray_status
+
+
+def _error_text(trial) -> str:
+    path = Path(trial.path or "") / "error.txt"
+    text = path.read_text() if path.exists() else str(getattr(trial, "error_file", "") or "")
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    # The exception line is the last one of Ray's traceback; keep the CSV cell short and single-line.
+    return lines[-1][:500] if lines else "failed"
+
+
+def load_trials(experiment_dir: Path, max_epochs: int) -> pd.DataFrame:
+    """One row per trial of the experiment under `experiment_dir`, best PublicTest accuracy first."""
+    from ray.tune import ExperimentAnalysis  # Ray only where the experiment is read
+
+    tune_dir = Path(experiment_dir) / TUNE_DIR
+    if not (tune_dir.exists() and any(tune_dir.glob("experiment_state-*.json"))):
+        return pd.DataFrame(columns=_LEADING)
+    analysis = ExperimentAnalysis(str(tune_dir.resolve()))
+    rows = []
+    for trial in analysis.trials:
+        results = _read_results(Path(trial.path)) if trial.path else []
+        last = results[-1] if results else {}
+        epochs = max((r.get("epoch", 0) for r in results if not r.get("diverged")), default=0)
+        best = max((r.get("val_acc", math.nan) for r in results), default=math.nan)
+        row = {
+            "trial_id": trial.trial_id, "status": _status(trial.status, last, epochs, max_epochs),
+            "val_acc": best, "epochs": epochs, "seconds": last.get("seconds", math.nan),
+            "node_id": last.get("node_id", ""), "val_loss": last.get("val_loss", math.nan),
+            "train_loss": last.get("train_loss", math.nan), "train_acc": last.get("train_acc", math.nan),
+            "images_per_s": last.get("images_per_s", math.nan), "found_lr": last.get("found_lr", math.nan),
+            "error": _error_text(trial) if trial.status == "ERROR" else last.get("error", ""),
+        }
+        row.update({f"config/{k}": v for k, v in sorted(trial.config.items())})
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=_LEADING + sorted({k for r in rows for k in r} - set(_LEADING)))
+    return df.sort_values("val_acc", ascending=False, na_position="last").reset_index(drop=True)
+
+
+def export_trials(experiment_dir: Path, max_epochs: int) -> pd.DataFrame:
+    """Write `<experiment_dir>/trials.csv` atomically and return its table."""
+    df = load_trials(experiment_dir, max_epochs)
+    write_csv(df, Path(experiment_dir) / "trials.csv")
+    return df

@@ -1,0 +1,173 @@
+"""`python -m search.run --space resnet`: search, export, then retrain and evaluate the best.
+
+Reads top to bottom: parse the flags into `Settings`, check the data and the
+experiment folder before anything is written, start (or join) Ray, run the Tuner
+(OptunaSearch + ASHA over a space from `spaces`), export `trials.csv`, and hand
+the best configurations to the final stage. PrivateTest is never loaded here.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from functools import partial
+from pathlib import Path
+
+from search.cli import run_cli
+from search.export import TUNE_DIR, export_trials
+from search.settings import Settings, parse_settings
+from spaces import archs_of, get_space
+from trainables.data import SEARCH_SPLITS, FERData, load_fer2013, stratified_fraction
+from trainables.errors import UserError
+from trainables.files import write_text
+from trainables.train import METRIC, MODE
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Each epoch checkpoints; Ray warns about frequent experiment snapshots, which is expected here.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+_FAULT_ENV = ("FER_INJECT_FAILURE", "FER_INJECT_NAN")
+
+
+def load_search_data(s: Settings) -> FERData:
+    """Training (the --train-fraction slice) and PublicTest only: the search never sees PrivateTest."""
+    data = load_fer2013(s.data, splits=SEARCH_SPLITS, labels=s.labels, ferplus_path=s.ferplus or None,
+                        seed=s.seed)
+    if s.train_fraction < 1.0:
+        train = stratified_fraction(data.train, s.train_fraction, seed=s.seed)
+        data = FERData(classes=data.classes, splits={**data.splits, "Training": train}, source=data.source)
+    return data
+
+
+def check_experiment_dir(s: Settings) -> Path:
+    """Refuse to overwrite an experiment, and to resume one that does not exist."""
+    exp = s.experiment_dir
+    started = (exp / TUNE_DIR).exists()
+    if s.resume and not started:
+        raise UserError(f"nothing to resume: {exp} has no search; run without --resume to start it")
+    if not s.resume and exp.exists() and any(exp.iterdir()):
+        raise UserError(f"experiment {exp} already exists; add --resume to continue it, "
+                        f"or choose another --name")
+    return exp
+
+
+def resolve_pretrained(s: Settings) -> bool:
+    """Whether ImageNet weights are a search dimension (auto: where every file is present)."""
+    if s.pretrained != "auto" or s.space == "convnet":
+        return s.pretrained == "search" and s.space != "convnet"
+    from trainables.models import pretrained_weights_path
+
+    return all(pretrained_weights_path(a).exists() for a in archs_of(s.space))
+
+
+def start_ray(s: Settings) -> dict:
+    """Join the cluster at --address, or start a local Ray instance (dashboard off); returns its resources."""
+    import ray
+
+    env = {k: os.environ[k] for k in _FAULT_ENV if k in os.environ}
+    if s.address:
+        # Ship this checkout to the cluster so every node runs the driver's code.
+        runtime_env = {"working_dir": str(PROJECT_ROOT), "env_vars": env,
+                       "excludes": ["results/", ".venv/", ".git/", "data/", "*.cache/"]}
+        try:
+            ray.init(address=s.address, runtime_env=runtime_env, logging_level="warning")
+        except ConnectionError as err:
+            raise UserError(f"cannot reach the Ray cluster at {s.address}: {err}") from None
+    else:
+        ray.init(include_dashboard=False, runtime_env={"env_vars": env} if env else None,
+                 logging_level="warning", log_to_driver=True)
+    return ray.cluster_resources()
+
+
+def trial_resources(s: Settings, cluster: dict) -> tuple[dict, int]:
+    """Resources of one trial and how many trials run at once."""
+    gpus = s.gpus_per_trial
+    if gpus < 0:
+        gpus = 0.5 if cluster.get("GPU", 0) else 0.0
+    if gpus > 0 and not cluster.get("GPU", 0):
+        raise UserError(f"--gpus-per-trial {gpus} but {'the cluster' if s.address else 'this machine'} "
+                        f"has no GPU; use --gpus-per-trial 0")
+    fits = int(cluster.get("CPU", 1) // s.cpus_per_trial)
+    if gpus:
+        fits = min(fits, int(cluster["GPU"] // gpus))
+    concurrent = s.max_concurrent or max(1, min(fits, s.num_samples))
+    return {"cpu": s.cpus_per_trial, "gpu": gpus}, concurrent
+
+
+def build_tuner(s: Settings, data: FERData, exp: Path, cluster: dict):
+    """The Tuner: OptunaSearch (TPE or random, seeded) + ASHA or FIFO, or the restored one with --resume."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from trainables.tune_trainable import train_fer
+
+    resources, concurrent = trial_resources(s, cluster)
+    trainable = tune.with_resources(
+        tune.with_parameters(train_fer, data=data, max_epochs=s.max_epochs, seed=s.seed,
+                             threads=s.cpus_per_trial), resources)
+    storage = str(exp.resolve())
+    if s.resume:
+        return tune.Tuner.restore(str(Path(storage) / TUNE_DIR), trainable, resume_unfinished=True,
+                                  resume_errored=True)
+    space = partial(get_space(s.space), ferplus=s.labels == "ferplus", pretrained=resolve_pretrained(s))
+    sampler = (optuna.samplers.TPESampler(seed=s.seed) if s.searcher == "optuna"
+               else optuna.samplers.RandomSampler(seed=s.seed))
+    searcher = ConcurrencyLimiter(OptunaSearch(space=space, metric=METRIC, mode=MODE, sampler=sampler, seed=s.seed),
+                                  max_concurrent=concurrent)
+    scheduler = (ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode=MODE, max_t=s.max_epochs,
+                               grace_period=s.grace_epochs)
+                 if s.scheduler == "asha" else FIFOScheduler())
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                    num_samples=s.num_samples, time_budget_s=s.time_budget or None,
+                                    trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
+        run_config=tune.RunConfig(
+            name=TUNE_DIR, storage_path=storage, verbose=1,
+            failure_config=tune.FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+    )
+
+
+def print_summary(df, exp: Path) -> None:
+    """The five best trials, and where everything was written."""
+    cols = [c for c in ["trial_id", "status", "val_acc", "epochs", "config/arch", "config/optimizer",
+                        "config/lr", "config/augment"] if c in df.columns]
+    print(df[cols].head(5).to_string(index=False))
+    print(f"\ntrials: {exp / 'trials.csv'}\ntensorboard: tensorboard --logdir {exp}")
+
+
+def run_search(s: Settings) -> int:
+    """Run the whole experiment described by `s`; returns the exit status."""
+    get_space(s.space)
+    exp = check_experiment_dir(s)
+    data = load_search_data(s)
+    if s.gpus_per_trial > 0 and not s.address:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--gpus-per-trial {s.gpus_per_trial} but this machine has no GPU; "
+                            f"use --gpus-per-trial 0")
+    cluster = start_ray(s)
+    tuner = build_tuner(s, data, exp, cluster)
+    write_text(exp / "settings.json", s.to_json())
+    print(f"experiment {exp}: space {s.space}, {len(data.train)} training images, "
+          f"{len(data.val)} PublicTest images, {s.num_samples} trials")
+    tuner.fit()
+    df = export_trials(exp, s.max_epochs)
+    print_summary(df, exp)
+    if s.final:
+        from search.final import run_final
+
+        run_final(s, df)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: `python -m search.run`."""
+    return run_search(parse_settings(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,110 @@
+"""Search spaces: define-by-run functions over a trial, and the SPACES registry.
+
+A space only calls `trial.suggest_*` (and may branch on what it drew) and returns
+constants; it does no I/O and no computation, so `optuna.trial.FixedTrial` tests
+it without a study. Names are the config keys of `trainables.train.DEFAULTS`.
+Ranges are shared between families so that the `all` space stays one consistent
+Optuna search space (Optuna rejects a categorical whose choices change).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from trainables.errors import UserError
+
+CONVNETS = ["convnet"]
+RESNETS = ["resnet18", "resnet34", "resnet50", "resnet101"]
+DENSENETS = ["densenet121", "densenet169"]
+FAMILIES = {"convnet": CONVNETS, "resnet": RESNETS, "densenet": DENSENETS}
+AUGMENTS = ["none", "flip_crop", "strong", "randaugment", "trivialaugment", "mixup", "cutmix"]
+SCHEDULES = ["cosine", "onecycle", "step", "plateau", "constant"]
+
+
+def _training(trial, *, ferplus: bool = False) -> dict[str, Any]:
+    """Dimensions every family shares: optimizer, LR, schedule, augmentation, loss and sampling."""
+    optimizer = trial.suggest_categorical("optimizer", ["sgd", "adam", "adamw"])
+    lr_mode = trial.suggest_categorical("lr_mode", ["searched", "range_test"])
+    if lr_mode == "searched":
+        if optimizer == "sgd":
+            trial.suggest_float("lr", 1e-3, 0.3, log=True)
+        else:
+            trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+    trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
+    trial.suggest_categorical("batch_size", [32, 64, 128, 256])
+    schedule = trial.suggest_categorical("schedule", SCHEDULES)
+    trial.suggest_float("warmup_epochs", 0.0, 3.0)
+    if schedule == "step":
+        trial.suggest_int("step_epochs", 2, 20)
+        trial.suggest_float("step_gamma", 0.05, 0.5, log=True)
+    elif schedule == "plateau":
+        trial.suggest_int("plateau_patience", 1, 5)
+        trial.suggest_float("plateau_factor", 0.1, 0.5)
+    augment = trial.suggest_categorical("augment", AUGMENTS)
+    if augment != "none":
+        trial.suggest_float("aug_magnitude", 0.1, 1.0)
+    if augment in ("mixup", "cutmix"):
+        trial.suggest_float("mix_alpha", 0.1, 2.0, log=True)
+    trial.suggest_float("label_smoothing", 0.0, 0.2)
+    trial.suggest_categorical("class_weighting", ["none", "inverse"])
+    trial.suggest_categorical("sampler", ["uniform", "balanced"])
+    if ferplus:  # FER+ votes can be the training target instead of the majority label
+        trial.suggest_categorical("soft_labels", [False, True])
+    return {}
+
+
+def _arch(trial, family: str) -> str:
+    # One categorical per family: a shared "arch" would change its choices between branches.
+    choices = FAMILIES[family]
+    return choices[0] if len(choices) == 1 else trial.suggest_categorical(f"{family}_arch", choices)
+
+
+def convnet(trial, *, ferplus: bool = False, pretrained: bool = False) -> dict[str, Any]:
+    """The small 2-3 block ConvNet: width, depth and dropout, plus the shared training dimensions."""
+    trial.suggest_categorical("width", [16, 32, 48, 64])
+    trial.suggest_int("depth", 2, 3)
+    trial.suggest_float("dropout", 0.0, 0.5)
+    return {"arch": _arch(trial, "convnet"), **_training(trial, ferplus=ferplus)}
+
+
+def _torchvision_family(trial, family: str, *, ferplus: bool, pretrained: bool) -> dict[str, Any]:
+    arch = _arch(trial, family)
+    use_weights = trial.suggest_categorical("pretrained", [False, True]) if pretrained else False
+    trial.suggest_categorical("stem", ["stride", "keep", "imagenet"])
+    if use_weights:
+        trial.suggest_categorical("input_size", [48, 96, 112, 224])
+        trial.suggest_int("freeze_epochs", 0, 3)
+    trial.suggest_float("dropout", 0.0, 0.5)
+    return {"arch": arch, "pretrained": use_weights, **_training(trial, ferplus=ferplus)}
+
+
+def resnet(trial, *, ferplus: bool = False, pretrained: bool = False) -> dict[str, Any]:
+    """ResNet-18/34/50/101: depth, stem, optional ImageNet weights, plus the shared dimensions."""
+    return _torchvision_family(trial, "resnet", ferplus=ferplus, pretrained=pretrained)
+
+
+def densenet(trial, *, ferplus: bool = False, pretrained: bool = False) -> dict[str, Any]:
+    """DenseNet-121/169: as `resnet`."""
+    return _torchvision_family(trial, "densenet", ferplus=ferplus, pretrained=pretrained)
+
+
+def all_families(trial, *, ferplus: bool = False, pretrained: bool = False) -> dict[str, Any]:
+    """The union: first the family, then that family's space."""
+    family = trial.suggest_categorical("family", list(FAMILIES))
+    return SPACES[family](trial, ferplus=ferplus, pretrained=pretrained)
+
+
+SPACES: dict[str, Callable[..., dict[str, Any]]] = {
+    "convnet": convnet, "resnet": resnet, "densenet": densenet, "all": all_families,
+}
+
+
+def get_space(name: str) -> Callable[..., dict[str, Any]]:
+    """The space registered as `name`, or a UserError listing the choices."""
+    if name not in SPACES:
+        raise UserError(f"unknown space '{name}'; choose from {sorted(SPACES)}")
+    return SPACES[name]
+
+
+def archs_of(name: str) -> list[str]:
+    """The architectures a space can draw (for checking weights and resources up front)."""
+    return [a for fam, archs in FAMILIES.items() if name in (fam, "all") for a in archs]

@@ -1,0 +1,32 @@
+"""Small shared helpers for the tests: FER-format files and running the real CLIs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_FER = ROOT.parent / "shared" / "data" / "fer2013"
+
+
+def write_fer_csv(path: Path, n_per_split=(70, 21, 21), seed: int = 0, lines: list[str] | None = None) -> Path:
+    """A small Kaggle-format fer2013.csv with every class in every split (or the given raw lines)."""
+    rng = np.random.default_rng(seed)
+    out = ["emotion,pixels,Usage"]
+    for usage, n in zip(("Training", "PublicTest", "PrivateTest"), n_per_split):
+        for i in range(n):
+            pixels = " ".join(map(str, rng.integers(0, 256, 2304)))
+            out.append(f"{i % 7},{pixels},{usage}")
+    path.write_text("\n".join(out + (lines or [])) + "\n")
+    return path
+
+
+def run_cli(module: str, *args: str, env: dict | None = None, timeout: float = 600,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m module args...` as a user would, capturing its output."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=cwd or ROOT)

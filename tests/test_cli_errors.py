@@ -1,0 +1,99 @@
+"""Bad input through the real CLI: one line on stderr, exit status 2, no traceback, nothing written."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import run_cli, write_fer_csv
+
+PIX = " ".join(["0"] * 2304)
+
+
+def _csv(tmp_path, body: str):
+    p = tmp_path / "bad.csv"
+    p.write_text(body)
+    return str(p)
+
+
+def _folder(tmp_path, *, extra: str):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for split in ("train", "test"):
+        for emo in ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"):
+            d = root / split / emo
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.new("L", (48, 48), color=i * 40).save(d / f"{i}.png")
+    if extra == "non_image":
+        (root / "train" / "happy" / "notes.txt").write_text("not an image")
+    else:
+        (root / "train" / "contempt").mkdir()
+        Image.new("L", (48, 48)).save(root / "train" / "contempt" / "0.png")
+    return str(root)
+
+
+def _good(tmp_path):
+    return str(write_fer_csv(tmp_path / "good.csv"))
+
+
+CASES = {
+    "missing file": (lambda t: "/nonexistent/fer2013.csv", [], "nonexistent"),
+    "empty file": (lambda t: _csv(t, ""), [], "bad.csv"),
+    "binary garbage": (lambda t: (t / "bad.csv").write_bytes(bytes(range(256)) * 40) and str(t / "bad.csv"), [],
+                       "bad.csv"),
+    "missing column": (lambda t: _csv(t, f"emotion,pixels\n0,{PIX}\n"), [], "bad.csv"),
+    "2303 pixels": (lambda t: _csv(t, "emotion,pixels,Usage\n0," + " ".join(["0"] * 2303) + ",Training\n"), [],
+                    "2303"),
+    "label 7": (lambda t: _csv(t, f"emotion,pixels,Usage\n7,{PIX},Training\n"), [], "bad.csv"),
+    "label -1": (lambda t: _csv(t, f"emotion,pixels,Usage\n-1,{PIX},Training\n"), [], "bad.csv"),
+    "non-numeric pixel": (lambda t: _csv(t, "emotion,pixels,Usage\n0,x" + " 0" * 2303 + ",Training\n"), [],
+                          "bad.csv"),
+    "unknown usage": (lambda t: _csv(t, f"emotion,pixels,Usage\n0,{PIX},Validation\n"), [], "Validation"),
+    "empty split": (lambda t: _csv(t, f"emotion,pixels,Usage\n0,{PIX},Training\n1,{PIX},PrivateTest\n"), [],
+                    "PublicTest"),
+    "non-image file": (lambda t: _folder(t, extra="non_image"), [], "notes.txt"),
+    "unknown emotion folder": (lambda t: _folder(t, extra="unknown_emotion"), [], "contempt"),
+    "unknown space": (_good, ["--space", "vit"], "unknown space 'vit'"),
+    "zero samples": (_good, ["--num-samples", "0"], "--num-samples"),
+    "grace above max": (_good, ["--grace-epochs", "5", "--max-epochs", "2"], "--grace-epochs"),
+    "train fraction 0": (_good, ["--train-fraction", "0"], "--train-fraction"),
+    "train fraction 1.5": (_good, ["--train-fraction", "1.5"], "--train-fraction"),
+    "not a number": (_good, ["--num-samples", "many"], "--num-samples"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_exit_2(tmp_path, case):
+    make, flags, needle = CASES[case]
+    data = make(tmp_path)
+    results = tmp_path / "results"
+    args = ["--space", "convnet", *flags] if "--space" not in flags else flags
+    r = run_cli("search.run", *args, "--data", data, "--results", str(results), "--name", "x", "--no-final")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0], r.stderr
+    assert needle in lines[0]
+    assert "Traceback" not in r.stderr + r.stdout
+    assert not results.exists() or not any(results.rglob("*"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_gpus_without_gpu(tmp_path):
+    r = run_cli("search.run", "--space", "convnet", "--data", _good(tmp_path), "--gpus-per-trial", "1",
+                "--results", str(tmp_path / "r"), "--name", "x")
+    assert r.returncode == 2 and "no GPU" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_existing_experiment_is_never_overwritten(tmp_path):
+    exp = tmp_path / "results" / "x"
+    exp.mkdir(parents=True)
+    (exp / "trials.csv").write_text("trial_id,val_acc\na,0.5\n")
+    r = run_cli("search.run", "--space", "convnet", "--data", _good(tmp_path), "--results", str(tmp_path / "results"),
+                "--name", "x")
+    assert r.returncode == 2 and "already exists" in r.stderr and "--resume" in r.stderr
+    assert (exp / "trials.csv").read_text() == "trial_id,val_acc\na,0.5\n"
+    r = run_cli("search.run", "--space", "convnet", "--data", "demo", "--results", str(tmp_path / "results"),
+                "--name", "y", "--resume")
+    assert r.returncode == 2 and "nothing to resume" in r.stderr

@@ -1,0 +1,264 @@
+"""The final stage: the real `search.run` -> `search.final` -> `search.evaluate` CLIs on a tiny experiment.
+
+One module-scoped search runs on a small CSV whose PrivateTest rows are garbage: that
+it succeeds proves the search never reads PrivateTest, and `search.final` on the same
+file must fail naming the bad line. The final stage then runs for real on the same
+experiment with `--data` pointing at the intact copy of the file (same Training and
+PublicTest, plus 10 PrivateTest images copied from Training to count as duplicates).
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from search.evaluate import load_weights, main as evaluate_main, save_weights
+from search.final import config_from_row, main as final_main, retrain, select_candidates
+from tests.helpers import run_cli
+from trainables.data import EMOTIONS, SPLITS, FERData, make_demo
+from trainables.models import build_model
+from trainables.train import predict
+
+SIZES = {"Training": 350, "PublicTest": 140, "PrivateTest": 140}
+N_DUPLICATES = 10
+# TPE seed whose first two convnet configs are cheap (searched LR, batch >= 128): the trials and
+# the retraining then take seconds. Another seed only makes this module slower, not wrong.
+SEARCH_SEED = "39"
+
+
+def _write_csv(path, data: FERData, *, garbage_private: bool) -> None:
+    lines = ["emotion,pixels,Usage"]
+    for usage in SPLITS:
+        split = data.splits[usage]
+        for x, y in zip(split.x.reshape(len(split), -1).numpy(), split.y.numpy()):
+            pixels = "garbage" if garbage_private and usage == "PrivateTest" else " ".join(map(str, x))
+            lines.append(f"{y},{pixels},{usage}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    """A finished 2-trial, 1-epoch search on `bad.csv` (garbage PrivateTest); `good.csv` is the intact twin."""
+    root = tmp_path_factory.mktemp("final")
+    demo = make_demo(splits=SPLITS, n_train=SIZES["Training"], n_val=SIZES["PublicTest"],
+                     n_test=SIZES["PrivateTest"], seed=1)
+    train, test = demo.train, demo.test
+    test.x[:N_DUPLICATES] = train.x[:N_DUPLICATES]  # exact copies, as FER2013 has across splits
+    _write_csv(root / "good.csv", demo, garbage_private=False)
+    _write_csv(root / "bad.csv", demo, garbage_private=True)
+    search = run_cli("search.run", "--space", "convnet", "--data", str(root / "bad.csv"), "--num-samples", "2",
+                     "--max-epochs", "1", "--grace-epochs", "1", "--no-final", "--seed", SEARCH_SEED,
+                     "--name", "X", "--results", str(root / "results"))
+    return {"root": root, "exp": root / "results" / "X", "search": search}
+
+
+@pytest.fixture(scope="module")
+def final_dir(experiment):
+    """`search.final` on the experiment, with the intact data: 1 configuration x 2 seeds x 1 epoch."""
+    assert experiment["search"].returncode == 0, experiment["search"].stderr[-3000:]
+    r = run_cli("search.final", str(experiment["exp"]), "--data", str(experiment["root"] / "good.csv"),
+                "--final-top-k", "1", "--final-seeds", "2", "--final-epochs", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = experiment["exp"] / "final"
+    assert "PrivateTest" in r.stdout and "ensemble_all" in r.stdout  # the table is printed
+    return out
+
+
+def _one_line_error(r) -> str:
+    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr[-2000:]
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- the protocol guard
+
+def test_search_never_reads_private_test_but_final_does(experiment):
+    search = experiment["search"]
+    assert search.returncode == 0, search.stderr[-3000:]
+    trials = pd.read_csv(experiment["exp"] / "trials.csv")
+    assert len(trials) == 2 and trials["val_acc"].between(0, 1).all()
+    # The final stage reads PrivateTest and so meets the garbage: the first PrivateTest row is
+    # data row 490, line 492 of the file (after the header).
+    first_line = SIZES["Training"] + SIZES["PublicTest"] + 2
+    models = experiment["exp"] / "final" / "models"
+    had_models = models.exists()  # the end-to-end tests may have run first (pytest -k, -p randomly)
+    message = _one_line_error(run_cli("search.final", str(experiment["exp"]), "--final-top-k", "1",
+                                      "--final-seeds", "1", "--final-epochs", "1", "--overwrite"))
+    assert f"line {first_line}" in message and "bad.csv" in message
+    assert models.exists() == had_models  # it failed before clearing or training anything
+
+
+# --------------------------------------------------------------------------- search.final end to end
+
+OUTPUTS = ["metrics.csv", "per_class.csv", "confusion_matrix.csv", "confusion_matrix.png", "confused_pairs.csv",
+           "misclassified.csv", "misclassified.png", "README.md"]
+RUNS = ["seed39", "seed40"]  # --final-seeds 2 counts up from the experiment's --seed
+
+
+def test_final_writes_every_output(final_dir):
+    for name in OUTPUTS:
+        assert (final_dir / name).is_file() and (final_dir / name).stat().st_size > 0, name
+    for name in ("confusion_matrix.png", "misclassified.png"):
+        assert (final_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    weights = sorted(p.name for p in (final_dir / "models").glob("*.pt"))
+    assert len(weights) == 2 and [w.split("-")[-1] for w in weights] == [f"{s}.pt" for s in RUNS]
+    for w in weights:
+        assert (final_dir / "models" / w).with_suffix(".json").is_file()
+        events = list((final_dir / "tensorboard" / w[:-3]).glob("events.out.tfevents.*"))
+        assert events and events[0].stat().st_size > 0
+
+
+def test_metrics_csv_rows_and_numbers(final_dir):
+    df = pd.read_csv(final_dir / "metrics.csv")
+    ttas = ["none", "flip", "tencrop"]
+    counts = df.groupby(["kind", "tta"]).size()
+    for tta in ttas:
+        assert counts["run", tta] == 2 and counts["mean", tta] == 1 and counts["std", tta] == 1
+        assert counts["ensemble_all", tta] == 1 and counts["ensemble_best", tta] == 1
+    rates = ["accuracy", "precision_macro", "recall_macro", "fbeta_macro", "precision_weighted", "recall_weighted",
+             "fbeta_weighted", "top2_accuracy", "top3_accuracy", "accuracy_dedup", "val_acc"]
+    scored = df[df["kind"] != "std"]
+    assert scored[rates].notna().all().all() and ((scored[rates] >= 0) & (scored[rates] <= 1)).all().all()
+    assert (scored["accuracy"] <= scored["top2_accuracy"] + 1e-9).all()
+    assert (scored["top2_accuracy"] <= scored["top3_accuracy"] + 1e-9).all()
+    assert (df["n_images"] == SIZES["PrivateTest"]).all() and (df["n_duplicates"] == N_DUPLICATES).all()
+    runs = df[df["kind"] == "run"]
+    for tta in ttas:
+        mean = df[(df["kind"] == "mean") & (df["tta"] == tta)].iloc[0]
+        std = df[(df["kind"] == "std") & (df["tta"] == tta)].iloc[0]
+        accs = runs[runs["tta"] == tta]["accuracy"]
+        assert mean["accuracy"] == pytest.approx(accs.mean()) and std["accuracy"] == pytest.approx(accs.std(ddof=1))
+    # One configuration: the best-per-configuration ensemble is its best run by PublicTest.
+    plain = runs[runs["tta"] == "none"]
+    best = plain.loc[plain["val_acc"].idxmax()]
+    ens_best = df[(df["kind"] == "ensemble_best") & (df["tta"] == "none")].iloc[0]
+    assert ens_best["accuracy"] == pytest.approx(best["accuracy"])
+    # Reloaded weights score PublicTest exactly as the training run did at its kept epoch.
+    for row in plain.itertuples():
+        meta = json.loads((final_dir / "models" / f"{row.config}-seed{int(row.seed)}.json").read_text())
+        assert row.val_acc == pytest.approx(meta["val_acc"], abs=1e-6)
+        assert meta["val_acc"] == pytest.approx(max(h["val_acc"] for h in meta["history"]))
+
+
+def test_per_class_and_confusion_tables_add_up(final_dir):
+    per_class = pd.read_csv(final_dir / "per_class.csv")
+    assert (per_class.groupby(["model", "tta"])["support"].sum() == SIZES["PrivateTest"]).all()
+    assert len(per_class.groupby(["model", "tta"])) == 4 * 3  # 2 runs + 2 ensembles, 3 TTA modes
+    cm = pd.read_csv(final_dir / "confusion_matrix.csv")
+    classes = list(EMOTIONS)
+    model = cm["model"].iloc[0]
+    assert model in (final_dir / "README.md").read_text()  # the note says which model is analysed
+    metrics = pd.read_csv(final_dir / "metrics.csv")
+    for tta, block in cm.groupby("tta"):
+        counts = block[block["value"] == "count"][classes].to_numpy()
+        shares = block[block["value"] == "share"][classes].to_numpy()
+        assert counts.sum() == SIZES["PrivateTest"]
+        np.testing.assert_allclose(shares.sum(1)[counts.sum(1) > 0], 1.0)
+        acc = np.trace(counts) / counts.sum()
+        assert np.isclose(metrics["accuracy"], acc).any()  # one of the scored models, this TTA
+    none = cm[(cm["tta"] == "none") & (cm["value"] == "count")][classes].to_numpy()
+    pairs = pd.read_csv(final_dir / "confused_pairs.csv")
+    wrong = pd.read_csv(final_dir / "misclassified.csv")
+    assert pairs["count"].sum() == len(wrong) == none.sum() - np.trace(none)
+    assert list(pairs["count"]) == sorted(pairs["count"], reverse=True)
+    assert (pairs["share_of_true"].between(0, 1)).all()
+    assert list(wrong["confidence"]) == sorted(wrong["confidence"], reverse=True)
+    assert (wrong["true"] != wrong["predicted"]).all()
+    first_private = SIZES["Training"] + SIZES["PublicTest"]
+    assert wrong["row"].between(first_private, first_private + SIZES["PrivateTest"] - 1).all()
+
+
+def test_saved_weights_load_with_weights_only(final_dir):
+    path = sorted((final_dir / "models").glob("*.pt"))[0]
+    ckpt = torch.load(path, weights_only=True)
+    assert {"state_dict", "config", "classes", "num_classes"} <= set(ckpt)
+    assert ckpt["num_classes"] == len(ckpt["classes"]) == 7
+    assert json.loads(path.with_suffix(".json").read_text())["config"] == ckpt["config"]
+
+
+def test_evaluate_cli_prints_the_same_numbers(final_dir, experiment):
+    path = sorted((final_dir / "models").glob("*.pt"))[0]
+    r = run_cli("search.evaluate", "--model", str(path), "--data", str(experiment["root"] / "good.csv"),
+                "--tta", "none", "flip")
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = pd.read_csv(final_dir / "metrics.csv")
+    run = metrics[(metrics["kind"] == "run") & (metrics["seed"] == int(path.stem.rsplit("seed", 1)[1]))]
+    printed = {line.split()[1]: line.split() for line in r.stdout.splitlines() if line.startswith("PrivateTest ")}
+    header = next(line.split() for line in r.stdout.splitlines() if line.split()[:2] == ["split", "tta"])
+    for tta in ("none", "flip"):
+        value = float(printed[tta][header.index("accuracy")])
+        assert value == pytest.approx(run[run["tta"] == tta]["accuracy"].iloc[0], abs=1e-4)
+    assert "most confused pairs" in r.stdout
+
+
+def test_final_refuses_to_overwrite_without_flag(final_dir, experiment, capsys):
+    assert final_main([str(experiment["exp"])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "--overwrite" in err and len(err.splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- pieces, without Ray
+
+def test_bad_weights_file_is_one_line_error(tmp_path, capsys):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": {}}, foreign)
+    for path in (junk, foreign, tmp_path / "missing.pt"):
+        assert evaluate_main(["--model", str(path), "--data", "demo"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and str(path) in err and len(err.splitlines()) == 1
+
+
+def test_reloaded_weights_give_identical_predictions(tmp_path):
+    torch.manual_seed(0)
+    config = {"arch": "convnet", "width": 16, "depth": 2, "dropout": 0.1}
+    model = build_model("convnet", num_classes=7, stem="stride", width=16, depth=2, dropout=0.1,
+                        pretrained=False, input_size=48).eval()
+    x = make_demo(splits=["PublicTest"], n_val=21).val.x
+    path = save_weights(tmp_path / "m", model.state_dict(), config=config, classes=[str(i) for i in range(7)])
+    loaded, meta = load_weights(path)
+    for tta in ("none", "flip"):
+        assert torch.equal(predict(model, x, tta=tta), predict(loaded, x, tta=tta))
+    assert meta["config"]["width"] == 16 and meta["num_classes"] == 7
+
+
+def test_select_candidates_skips_failures_and_restores_types():
+    trials = pd.DataFrame({
+        "trial_id": ["a", "b", "c", "d", "e"],
+        "status": ["STOPPED", "ERROR", "COMPLETED", "DIVERGED", "RUNNING"],
+        "val_acc": [0.5, 0.9, 0.6, 0.95, math.nan],
+        "config/width": [32.0, 16.0, 48.0, 16.0, 16.0],
+        "config/lr": [0.01, 0.1, math.nan, 0.1, 0.1],
+        "config/pretrained": [False, True, math.nan, False, True],
+        "config/augment": ["flip_crop", "none", "mixup", "none", "none"],
+    })
+    chosen = select_candidates(trials, 5)
+    assert [c.trial_id for c in chosen] == ["c", "a"] and [c.name for c in chosen] == ["top1-c", "top2-a"]
+    assert chosen[0].config == {"width": 48, "augment": "mixup"}  # NaN: left to the defaults
+    assert type(chosen[0].config["width"]) is int
+    assert chosen[1].config == {"width": 32, "lr": 0.01, "pretrained": False, "augment": "flip_crop"}
+    assert type(chosen[1].config["pretrained"]) is bool
+    assert [c.trial_id for c in select_candidates(trials, 1)] == ["c"]
+    assert config_from_row(pd.Series({"config/soft_labels": "True", "val_acc": 1.0})) == {"soft_labels": True}
+
+
+def test_retrain_keeps_its_best_public_test_epoch(tmp_path):
+    from trainables.train import evaluate, to_device
+
+    data = make_demo(splits=["Training", "PublicTest"], n_train=140, n_val=70)
+    config = {"width": 16, "depth": 2, "batch_size": 32, "lr": 0.05, "augment": "none"}
+    out = retrain(config, data, epochs=3, seed=0, tensorboard_dir=str(tmp_path / "tb"))
+    accs = [h["val_acc"] for h in out["history"]]
+    assert len(accs) == 3 and out["val_acc"] == max(accs) and out["best_epoch"] == accs.index(max(accs)) + 1
+    model = build_model("convnet", num_classes=7, stem="stride", width=16, depth=2, dropout=0.0,
+                        pretrained=False, input_size=48)
+    model.load_state_dict(out["state_dict"])
+    again = evaluate(model, to_device(data.val, 7, torch.device("cpu")))["val_acc"]
+    assert again == pytest.approx(out["val_acc"])
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))

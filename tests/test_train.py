@@ -1,0 +1,139 @@
+"""Optimizers, schedules, the training loop, checkpoints, the LR range test and imbalance handling."""
+import math
+
+import pytest
+import torch
+
+from trainables.data import make_demo
+from trainables.errors import UserError
+from trainables.lr_find import lr_range_test, suggest_lr
+from trainables.models import build_model
+from trainables.train import (OPTIMIZERS, SCHEDULES, DivergedError, Schedule, build_optimizer, build_run,
+                              evaluate, load_run_state, run_epoch, run_state, to_device, train_one_epoch)
+from trainables.augment import build_augment
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return make_demo(n_train=700, n_val=210)
+
+
+def _trace(name, epochs=4, steps=5, **kw):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    s = Schedule(opt, name, epochs=epochs, steps_per_epoch=steps, **kw)
+    lrs = [s.lr]
+    for step in range(epochs * steps):
+        s.step_batch()
+        if (step + 1) % steps == 0:
+            s.step_epoch(0.5)  # a flat PublicTest accuracy: plateau must cut
+        lrs.append(s.lr)
+    return lrs
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_every_schedule_warms_up_linearly(name):
+    lrs = _trace(name, warmup_epochs=1.0)
+    start = 1 / 25 if name == "onecycle" else 0.0
+    assert lrs[0] == pytest.approx(start + (1 - start) / 5, rel=1e-6)  # one epoch = 5 steps of warm-up
+    assert all(b >= a - 1e-12 for a, b in zip(lrs[:4], lrs[1:5]))  # rising during warm-up
+    assert max(lrs) == pytest.approx(1.0)
+
+
+def test_schedule_shapes():
+    cos = _trace("cosine")
+    assert cos[0] == 1.0 and cos[-1] == pytest.approx(0.0, abs=1e-9) and cos[10] == pytest.approx(0.5, abs=0.05)
+    one = _trace("onecycle")
+    peak = one.index(max(one))
+    assert 0 < peak < len(one) - 1 and one[0] == pytest.approx(1 / 25 + (1 - 1 / 25) / 6) and one[-1] < 1e-3
+    step = _trace("step", step_epochs=2, step_gamma=0.1)
+    assert step[9] == 1.0 and step[10] == pytest.approx(0.1) and step[20] == pytest.approx(0.01)
+    assert set(_trace("constant")) == {1.0}
+    plateau = _trace("plateau", plateau_patience=1, plateau_factor=0.5)
+    assert plateau[0] == 1.0 and plateau[-1] < 1.0  # accuracy never improved after epoch 1: cut
+
+
+def test_schedule_state_round_trip():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    s = Schedule(opt, "cosine", epochs=3, steps_per_epoch=4, warmup_epochs=1)
+    for _ in range(5):
+        s.step_batch()
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    s2 = Schedule(opt2, "cosine", epochs=3, steps_per_epoch=4, warmup_epochs=1)
+    s2.load_state_dict(s.state_dict())
+    assert s2.lr == s.lr and s2.step_count == 5
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_optimizers(name):
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = build_optimizer(name, [p], lr=0.1, weight_decay=1e-4)
+    p.sum().backward()
+    opt.step()
+    assert (p < 1).all()
+    if name == "sgd":
+        assert opt.param_groups[0]["nesterov"]
+
+
+def test_unknown_names_are_user_errors():
+    with pytest.raises(UserError, match="unknown optimizer 'lion'"):
+        build_optimizer("lion", [torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with pytest.raises(UserError, match="unknown schedule 'poly'"):
+        _trace("poly")
+
+
+def test_training_learns_demo_and_checkpoint_resumes(demo):
+    torch.manual_seed(0)
+    cfg = {"arch": "convnet", "width": 16, "lr": 0.05, "batch_size": 64, "augment": "none"}
+    run = build_run(cfg, demo, epochs=3, seed=0)
+    history = [run_epoch(run) for _ in range(2)]
+    assert history[1]["train_loss"] < history[0]["train_loss"]
+    assert history[1]["val_acc"] > 2 / 7  # well above chance after two epochs
+    state = run_state(run)
+    saved = {k: v.clone() for k, v in run.model.state_dict().items()}
+    run2 = build_run(cfg, demo, epochs=3, seed=1)
+    load_run_state(run2, state)
+    assert run2.epoch == 2 and run2.schedule.step_count == run.schedule.step_count
+    assert all(torch.equal(saved[k], v) for k, v in run2.model.state_dict().items())
+    assert evaluate(run2.model, run2.val)["val_acc"] == pytest.approx(history[1]["val_acc"])
+
+
+def test_nan_loss_raises_diverged(demo):
+    model = build_model("convnet", width=8)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(math.nan)
+    opt = build_optimizer("sgd", model.parameters(), lr=0.1)
+    sched = Schedule(opt, "constant", epochs=1, steps_per_epoch=1)
+    with pytest.raises(DivergedError):
+        train_one_epoch(model, opt, sched, to_device(demo.train, 7, torch.device("cpu")), batch_size=128,
+                        augment=build_augment("none"), device=torch.device("cpu"))
+
+
+def test_balanced_sampler_and_class_weights(demo):
+    counts = torch.bincount(demo.train.y, minlength=7)
+    assert counts[1] < counts.float().mean()  # demo disgust is rare, like FER2013's
+    run = build_run({"sampler": "balanced", "class_weighting": "inverse", "width": 8}, demo, epochs=1)
+    draws = torch.multinomial(run.sample_weights, 70000, replacement=True, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(demo.train.y[draws], minlength=7).float() / 70000
+    assert torch.allclose(freq, torch.full((7,), 1 / 7), atol=0.01)
+    w = run.class_weights
+    assert w.argmax() == 1 and w.mean().item() == pytest.approx(1.0)
+
+
+def test_lr_range_test_finds_rate_in_range(demo):
+    torch.manual_seed(0)
+    model = build_model("convnet", width=16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = lr_range_test(model, to_device(demo.train, 7, torch.device("cpu")), batch_size=32,
+                        start_lr=1e-5, end_lr=10.0, steps=100)
+    assert 1e-5 <= res["suggested_lr"] <= 10.0
+    losses = res["losses"]
+    low = min(range(len(losses)), key=losses.__getitem__)
+    assert losses[low] < losses[0] and losses[-1] > losses[low]  # falls, then rises
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # model restored
+
+
+def test_suggest_lr_picks_steepest_descent():
+    lrs = [10 ** (-6 + i * 0.1) for i in range(50)]
+    losses = [2.0] * 20 + [2.0 - 0.1 * i for i in range(10)] + [1.0 + 0.5 * i for i in range(20)]
+    assert suggest_lr(lrs, losses) == pytest.approx(lrs[21], rel=0.3)

@@ -1,0 +1,4 @@
+"""Plain-PyTorch building blocks: data, augmentation, models, training, metrics.
+
+Only `trainables.tune_trainable` imports Ray; everything else runs without it.
+"""

@@ -1,0 +1,73 @@
+"""The Ray Tune trainable: the only module of `trainables` that talks to Ray.
+
+A plain function of `config`: it builds a `Run` (see `trainables.train`), resumes
+from Ray's checkpoint when there is one, and reports once per epoch with a
+checkpoint, so a trial can be paused by ASHA, retried after a crash, or resumed
+after the driver was killed.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+
+import ray
+import torch
+from ray import tune
+
+from trainables.data import FERData
+from trainables.train import DivergedError, build_run, load_run_state, run_epoch, run_state
+
+CHECKPOINT_FILE = "run.pt"
+# Test hook: `FER_INJECT_FAILURE=<arch>:<epoch>` raises in trials of that arch at that
+# epoch, `FER_INJECT_NAN=<arch>` makes their loss NaN, so the failure paths are tested for real.
+_INJECT_FAILURE = "FER_INJECT_FAILURE"
+_INJECT_NAN = "FER_INJECT_NAN"
+
+
+def _inject_faults(config: dict, epoch: int, run) -> None:
+    spec = os.environ.get(_INJECT_FAILURE, "")
+    if spec:
+        arch, _, at = spec.partition(":")
+        if config.get("arch") == arch and epoch == int(at or 0):
+            raise RuntimeError(f"injected failure in {arch} at epoch {epoch}")
+    if os.environ.get(_INJECT_NAN) and config.get("arch") == os.environ[_INJECT_NAN]:
+        with torch.no_grad():
+            for p in run.model.parameters():
+                p.fill_(math.nan)
+
+
+def train_fer(config: dict, *, data: FERData, max_epochs: int, seed: int, threads: int = 1) -> None:
+    """Train one trial: report PublicTest metrics and a checkpoint after every epoch."""
+    torch.set_num_threads(max(1, threads))
+    start = time.perf_counter()
+    run = build_run(config, data, epochs=max_epochs, seed=seed)
+    best = 0.0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as path:
+            state = torch.load(os.path.join(path, CHECKPOINT_FILE), weights_only=True)
+        load_run_state(run, state)
+        best = float(state.get("best_val_acc", 0.0))
+        start -= float(state.get("seconds", 0.0))
+    node = ray.get_runtime_context().get_node_id()
+    while run.epoch < max_epochs:
+        _inject_faults(config, run.epoch, run)
+        try:
+            metrics = run_epoch(run)
+        except DivergedError as err:
+            # A finite value keeps Optuna's model sane; `diverged` marks the trial in trials.csv.
+            tune.report({"val_acc": best, "best_val_acc": best, "diverged": 1, "error": str(err),
+                         "node_id": node, "seconds": time.perf_counter() - start})
+            return
+        best = max(best, metrics["val_acc"])
+        seconds = time.perf_counter() - start
+        metrics.update({"best_val_acc": best, "diverged": 0, "node_id": node, "seconds": seconds})
+        if run.lr_find:
+            metrics["found_lr"] = run.lr_find["suggested_lr"]
+        with tempfile.TemporaryDirectory() as tmp:
+            state = run_state(run)
+            state.update({"best_val_acc": best, "seconds": seconds})
+            torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))

@@ -99,11 +99,15 @@ def score_split(probs: np.ndarray, split: Split, *, beta: float, class_names: Se
     return m
 
 
-def load_eval_data(path: str, split: str, *, labels: str, ferplus: str | None) -> FERData:
-    """The split to evaluate, and Training too (to find the test images duplicated in it)."""
+def load_eval_data(path: str, split: str, *, labels: str, ferplus: str | None, seed: int = 0) -> FERData:
+    """The split to evaluate, and Training too (to find the test images duplicated in it).
+
+    `seed` must be the experiment's: an image folder without `val/` draws PublicTest from
+    `train/` with it.
+    """
     if split not in SPLITS:
         raise UserError(f"unknown split '{split}'; choose from {list(SPLITS)}")
-    return load_fer2013(path, splits=tuple({"Training", split}), labels=labels, ferplus_path=ferplus)
+    return load_fer2013(path, splits=tuple({"Training", split}), labels=labels, ferplus_path=ferplus, seed=seed)
 
 
 def format_metrics(rows: pd.DataFrame) -> str:
@@ -146,7 +150,8 @@ def build_parser() -> _Parser:
                 description="Evaluate weights saved by the final stage on a FER2013 split and print its metrics.")
     p.add_argument("--model", required=True, help="weights file, e.g. results/<name>/final/models/<run>.pt")
     p.add_argument("--data", required=True, help="fer2013.csv, a Kaggle image folder, or 'demo'")
-    p.add_argument("--split", default="PrivateTest", choices=list(SPLITS), help="split to evaluate (default PrivateTest)")
+    p.add_argument("--split", default="PrivateTest", choices=list(SPLITS),
+                   help="split to evaluate (default PrivateTest)")
     p.add_argument("--tta", nargs="+", default=["none", "flip"], choices=list(TTA_MODES),
                    help="test-time augmentations, each reported separately (default: none flip)")
     p.add_argument("--beta", type=float, default=1.0, help="beta of the F-beta score (default 1)")
@@ -163,7 +168,8 @@ def run_evaluate(argv: Sequence[str] | None = None) -> int:
     device = pick_device()
     model, meta = load_weights(a.model, device=device)
     labels = str(meta.get("labels", "fer2013"))
-    data = load_eval_data(a.data, a.split, labels=labels, ferplus=a.ferplus or None)
+    data = load_eval_data(a.data, a.split, labels=labels, ferplus=a.ferplus or None,
+                          seed=int(meta.get("data_seed", 0)))
     if len(data.classes) != int(meta["num_classes"]):
         raise UserError(f"{a.model} predicts {meta['num_classes']} classes but {a.data} has {len(data.classes)} "
                         f"({labels} labels)")

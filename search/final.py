@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import shutil
 import sys
 import time
@@ -62,13 +61,14 @@ class Candidate:
 
 @dataclass
 class FinalRun:
-    """One retrained (configuration, seed): where its weights are and its best PublicTest epoch."""
+    """One retrained (configuration, seed): its weights file, best PublicTest epoch and PublicTest probabilities."""
 
     candidate: Candidate
     seed: int
     weights: Path
     best_epoch: int
     val_acc: float
+    val_probs: dict[str, np.ndarray]  # per TTA mode, of the kept weights
 
     @property
     def name(self) -> str:
@@ -136,20 +136,31 @@ def write_scalars(tensorboard_dir: str | Path, history: Sequence[dict]) -> None:
                     writer.add_scalar(key, value, int(metrics["epoch"]))
 
 
+def _open_writer(tensorboard_dir: str | None):
+    from torch.utils.tensorboard import SummaryWriter
+
+    if not tensorboard_dir:
+        return None
+    try:
+        return SummaryWriter(tensorboard_dir)
+    except OSError:  # a cluster node that cannot write the driver's results path: the driver writes them
+        return None
+
+
 def retrain(config: dict, data: FERData, *, epochs: int, seed: int, threads: int = 1,
-            tensorboard_dir: str | None = None, label: str = "") -> dict:
+            tensorboard_dir: str | None = None, label: str = "", ttas: Sequence[str] = TTA_MODES) -> dict:
     """Train `config` from scratch for `epochs`, keeping the weights of its best PublicTest epoch.
 
     Plain PyTorch (the final stage runs it as a Ray task). Returns the best epoch's
     state_dict on the CPU, that epoch's number and PublicTest accuracy, the per-epoch
-    history, and `diverged` (the error, or "") if the loss stopped being finite;
-    a run that diverges in its first epoch returns `state_dict` None.
+    history, `diverged` (the error, or "") if the loss stopped being finite, and
+    `val_probs`: the kept weights' PublicTest probabilities per TTA mode (computed
+    here, in parallel, because PublicTest is the task's to read; PrivateTest is not).
+    A run that diverges in its first epoch returns `state_dict` None.
     """
-    from torch.utils.tensorboard import SummaryWriter
-
     torch.set_num_threads(max(1, threads))
     run = build_run(config, data, epochs=epochs, seed=seed)
-    writer = SummaryWriter(tensorboard_dir) if tensorboard_dir else None
+    writer = _open_writer(tensorboard_dir)
     best: dict = {"state_dict": None, "best_epoch": 0, "val_acc": float("nan")}
     history, diverged = [], ""
     try:
@@ -173,7 +184,11 @@ def retrain(config: dict, data: FERData, *, epochs: int, seed: int, threads: int
     finally:
         if writer:
             writer.close()
-    return {**best, "history": history, "diverged": diverged}
+    val_probs = {}
+    if best["state_dict"] is not None:
+        run.model.load_state_dict(best["state_dict"])
+        val_probs = {tta: predict(run.model, run.val.x, device=run.device, tta=tta).numpy() for tta in ttas}
+    return {**best, "history": history, "diverged": diverged, "val_probs": val_probs}
 
 
 def _get(ref):
@@ -189,7 +204,7 @@ def _get(ref):
 
 
 def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, epochs: int,
-                out: Path) -> list[FinalRun]:
+                out: Path, ttas: Sequence[str] = TTA_MODES) -> list[FinalRun]:
     """Retrain every candidate with every seed as parallel Ray tasks (trial resources each); save the weights."""
     import ray
 
@@ -197,6 +212,7 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
 
     started = not ray.is_initialized()  # search.run has already started (or joined) Ray
     cluster = start_ray(s) if started else ray.cluster_resources()
+    pending: list = []
     try:
         resources, _ = trial_resources(s, cluster)
         task = ray.remote(retrain).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"])
@@ -207,7 +223,7 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
                 name = f"{cand.name}-seed{seed}"
                 board = (out / "tensorboard" / name).resolve()
                 ref = task.remote(cand.config, data_ref, epochs=epochs, seed=seed, threads=s.cpus_per_trial,
-                                  tensorboard_dir=str(board), label=name)
+                                  tensorboard_dir=str(board), label=name, ttas=list(ttas))
                 jobs[ref] = (cand, seed, board)
         print(f"final stage: retraining {len(candidates)} configurations x {s.final_seeds} seeds "
               f"for {epochs} epochs on {len(data.train)} Training images "
@@ -222,6 +238,10 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
                 runs.append(run)
                 print(f"final run {run.name}: best PublicTest accuracy {run.val_acc:.4f} at epoch "
                       f"{run.best_epoch} ({len(jobs) - len(pending)}/{len(jobs)} done)", flush=True)
+    except BaseException:
+        for ref in pending:  # a failed run or Ctrl-C: do not leave the others training on a shared cluster
+            ray.cancel(ref, force=True)
+        raise
     finally:
         if started:
             ray.shutdown()
@@ -244,24 +264,23 @@ def save_run(result: dict, cand: Candidate, seed: int, s: Settings, data: FERDat
         return None
     info = {"name": name, "trial_id": cand.trial_id, "seed": seed, "best_epoch": result["best_epoch"],
             "val_acc": result["val_acc"], "search_val_acc": cand.search_val_acc, "labels": s.labels,
-            "experiment": s.name, "diverged": result["diverged"], "history": result["history"]}
+            "experiment": s.name, "data_seed": s.seed, "diverged": result["diverged"], "history": result["history"]}
     path = save_weights(out / "models" / name, result["state_dict"], config=cand.config, classes=data.classes,
                         info=info)
     return FinalRun(candidate=cand, seed=seed, weights=path, best_epoch=int(result["best_epoch"]),
-                    val_acc=float(result["val_acc"]))
+                    val_acc=float(result["val_acc"]), val_probs=result["val_probs"])
 
 
 # --------------------------------------------------------------------------- evaluation (the driver, once)
 
 def predict_runs(runs: Sequence[FinalRun], data: FERData, *, ttas: Sequence[str],
-                 device: torch.device) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
-    """PublicTest and PrivateTest probabilities of every saved run, reloaded from its file, per TTA mode."""
+                 device: torch.device) -> dict[tuple[str, str], np.ndarray]:
+    """PrivateTest probabilities of every saved run, reloaded from its weights file, per TTA mode."""
     probs = {}
     for run in runs:
         model, _ = load_weights(run.weights, device=device)
         for tta in ttas:
-            probs[run.name, tta] = (predict(model, data.val.x, device=device, tta=tta).numpy(),
-                                    predict(model, data.test.x, device=device, tta=tta).numpy())
+            probs[run.name, tta] = predict(model, data.test.x, device=device, tta=tta).numpy()
     return probs
 
 
@@ -289,8 +308,8 @@ def score_models(runs: Sequence[FinalRun], probs: dict, data: FERData, *, ttas: 
     rows, full = [], {}
     for tta in ttas:
         for name, ids, members in models:
-            val = ensemble_probs([probs[m.name, tta][0] for m in members])
-            test = ensemble_probs([probs[m.name, tta][1] for m in members])
+            val = ensemble_probs([m.val_probs[tta] for m in members])
+            test = ensemble_probs([probs[m.name, tta] for m in members])
             m = score_split(test, data.test, beta=beta, class_names=data.classes, duplicates=dup)
             m.update(val_acc=float((val.argmax(1) == val_y).mean()), probs=test)
             full[name, tta] = m
@@ -344,7 +363,8 @@ def confusion_table(model: str, full: dict, classes: Sequence[str], ttas: Sequen
     for tta in ttas:
         cm = full[model, tta]["confusion"]
         for value, matrix in (("count", cm), ("share", normalize_rows(cm))):
-            block = pd.DataFrame(matrix, columns=list(classes))
+            # object dtype: counts stay integers in the CSV although shares share their columns
+            block = pd.DataFrame(matrix.astype(object), columns=list(classes))
             block.insert(0, "true", list(classes))
             block.insert(0, "value", value)
             block.insert(0, "tta", tta)
@@ -378,8 +398,8 @@ def write_readme(out: Path, s: Settings, model: str, epochs: int, ttas: Sequence
     """final/README.md: what each file holds and which model the error analysis describes."""
     write_text(out / "README.md", f"""# Final stage of {s.name}
 
-The top {s.final_top_k} configurations of the search (by PublicTest accuracy) were retrained from
-scratch on the full Training split for {epochs} epochs with seeds {seeds_of(s)}; each run kept
+The top {s.final_top_k} configuration(s) of the search (by PublicTest accuracy) were retrained from
+scratch on the full Training split for {epochs} epoch(s) with seeds {seeds_of(s)}; each run kept
 its best PublicTest epoch. Everything below was measured once on PrivateTest, which the search
 never read. TTA modes: {', '.join(ttas)} (reported separately, never mixed).
 
@@ -417,8 +437,11 @@ def clear_outputs(out: Path) -> None:
         shutil.rmtree(out / sub, ignore_errors=True)
 
 
-def run_final(settings: Settings, trials_df: pd.DataFrame) -> Path:
-    """Retrain the top configurations of `trials_df` and evaluate them on PrivateTest; returns the output folder."""
+def run_final(settings: Settings, trials_df: pd.DataFrame, *, ttas: Sequence[str] = TTA_MODES) -> Path:
+    """Retrain the top configurations of `trials_df` and evaluate them on PrivateTest; returns the output folder.
+
+    Each TTA mode in `ttas` (default: none, flip and ten-crop) gets its own rows.
+    """
     s = settings
     out = s.experiment_dir / FINAL_DIR
     candidates = select_candidates(trials_df, s.final_top_k)
@@ -429,10 +452,10 @@ def run_final(settings: Settings, trials_df: pd.DataFrame) -> Path:
     start = time.perf_counter()
     data = load_final_data(s)  # before any training: a bad PrivateTest fails now, not after hours
     clear_outputs(out)
-    runs = retrain_all(s, data, candidates, epochs=epochs, out=out)
+    ttas = [ANALYSIS_TTA, *dict.fromkeys(t for t in ttas if t != ANALYSIS_TTA)]  # the analysis needs "none"
+    runs = retrain_all(s, data, candidates, epochs=epochs, out=out, ttas=ttas)
     if not runs:
         raise UserError("every final run diverged in its first epoch; nothing to evaluate")
-    ttas = list(TTA_MODES)
     probs = predict_runs(runs, data, ttas=ttas, device=pick_device())
     rows, full = score_models(runs, probs, data, ttas=ttas, beta=s.beta)
     table = metrics_table(rows, ttas)
@@ -463,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="data for this stage, holding the search's Training and PublicTest (default: the experiment's)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier final stage of this experiment")
+    p.add_argument("--tta", nargs="+", choices=list(TTA_MODES), default=list(TTA_MODES),
+                   help="test-time augmentations to report, each separately; 'none' is always included "
+                        "(default: none flip tencrop; ten-crop costs 10 forward passes per image)")
     # None marks a flag left out, so settings.json decides (the shared help text names the search's defaults).
     p.set_defaults(final_top_k=None, final_epochs=None, final_seeds=None, beta=None)
     return p
@@ -480,8 +506,8 @@ def read_settings(experiment: Path) -> Settings:
     return dataclasses.replace(s, results=str(experiment.parent), name=experiment.name)
 
 
-def parse_final(argv: Sequence[str] | None = None) -> tuple[Settings, bool]:
-    """Flags + settings.json -> the Settings of this stage, and whether to overwrite an earlier one."""
+def parse_final(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Namespace]:
+    """Flags + settings.json -> the Settings of this stage, and the parsed flags (for --overwrite, --tta)."""
     a = build_parser().parse_args(argv)
     experiment = Path(a.experiment)
     s = read_settings(experiment)
@@ -489,17 +515,17 @@ def parse_final(argv: Sequence[str] | None = None) -> tuple[Settings, bool]:
                                                   "data") if getattr(a, key) is not None}
     s = dataclasses.replace(s, **overrides)
     check_settings(s)
-    return s, a.overwrite
+    return s, a
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit status 2."""
     try:
-        s, overwrite = parse_final(argv)
-        if (s.experiment_dir / FINAL_DIR / "metrics.csv").exists() and not overwrite:
+        s, flags = parse_final(argv)
+        if (s.experiment_dir / FINAL_DIR / "metrics.csv").exists() and not flags.overwrite:
             raise UserError(f"{s.experiment_dir / FINAL_DIR} already holds a final stage; add --overwrite to "
                             f"replace it")
-        run_final(s, load_trials(s.experiment_dir, s.max_epochs))
+        run_final(s, load_trials(s.experiment_dir, s.max_epochs), ttas=flags.tta)
         return 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -55,7 +55,7 @@ def resolve_pretrained(s: Settings) -> bool:
         return s.pretrained == "search" and s.space != "convnet"
     from trainables.models import pretrained_weights_path
 
-    return all(pretrained_weights_path(a).exists() for a in archs_of(s.space))
+    return all(pretrained_weights_path(a).exists() for a in archs_of(s.space) if a != "convnet")
 
 
 def start_ray(s: Settings) -> dict:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainables.augment import MEAN, POLICIES, STD, Augment, build_augment, normalize, to_input
+from trainables.augment import MEAN, POLICIES, STD, build_augment, normalize, to_input
 from trainables.errors import UserError
 
 BATCH = 16
@@ -113,6 +113,19 @@ def test_magnitude_scales_distortion():
         out, _ = build_augment("randaugment", magnitude=magnitude)(x, y)
         change.append((out - x).abs().mean())
     assert change[1] > change[0]
+
+
+def test_gpu_and_cpu_op_paths_agree():
+    # The GPU path (every op on every sample, then select) must equal the CPU path (each op on its
+    # own samples); both run on the CPU here so the GPU path is tested without a GPU.
+    from trainables.augment import _OPS, _apply_ops_masked, _apply_ops_subsets
+
+    x, _ = _batch()
+    x = x.repeat(4, 1, 1, 1)
+    op = torch.arange(len(x)) % len(_OPS)  # every op, several times
+    strength = torch.linspace(-1, 1, len(x))
+    torch.testing.assert_close(_apply_ops_masked(x, op, strength), _apply_ops_subsets(x, op, strength),
+                               atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kwargs", [{"name": "autoaugment"}, {"name": "strong", "magnitude": 1.5},

@@ -17,13 +17,14 @@ import pytest
 import torch
 
 from search.evaluate import load_weights, main as evaluate_main, save_weights
-from search.final import config_from_row, main as final_main, retrain, select_candidates
+from search.final import config_from_row, main as final_main, retrain, select_candidates, without_test
 from tests.helpers import run_cli
 from trainables.data import EMOTIONS, SPLITS, FERData, make_demo
+from trainables.errors import UserError
 from trainables.models import build_model
 from trainables.train import predict
 
-SIZES = {"Training": 350, "PublicTest": 140, "PrivateTest": 140}
+SIZES = {"Training": 210, "PublicTest": 70, "PrivateTest": 70}
 N_DUPLICATES = 10
 # TPE seed whose first two convnet configs are cheap (searched LR, batch >= 128): the trials and
 # the retraining then take seconds. Another seed only makes this module slower, not wrong.
@@ -83,7 +84,7 @@ def test_search_never_reads_private_test_but_final_does(experiment):
     trials = pd.read_csv(experiment["exp"] / "trials.csv")
     assert len(trials) == 2 and trials["val_acc"].between(0, 1).all()
     # The final stage reads PrivateTest and so meets the garbage: the first PrivateTest row is
-    # data row 490, line 492 of the file (after the header).
+    # data row 280, line 282 of the file (after the header).
     first_line = SIZES["Training"] + SIZES["PublicTest"] + 2
     models = experiment["exp"] / "final" / "models"
     had_models = models.exists()  # the end-to-end tests may have run first (pytest -k, -p randomly)
@@ -248,6 +249,13 @@ def test_select_candidates_skips_failures_and_restores_types():
     assert config_from_row(pd.Series({"config/soft_labels": "True", "val_acc": 1.0})) == {"soft_labels": True}
 
 
+def test_training_tasks_are_handed_no_private_test():
+    data = without_test(make_demo(splits=SPLITS, n_train=14, n_val=7, n_test=7))
+    assert set(data.splits) == {"Training", "PublicTest"}
+    with pytest.raises(UserError, match="PrivateTest"):
+        data.test
+
+
 def test_retrain_keeps_its_best_public_test_epoch(tmp_path):
     from trainables.train import evaluate, to_device
 
@@ -256,6 +264,9 @@ def test_retrain_keeps_its_best_public_test_epoch(tmp_path):
     out = retrain(config, data, epochs=3, seed=0, tensorboard_dir=str(tmp_path / "tb"))
     accs = [h["val_acc"] for h in out["history"]]
     assert len(accs) == 3 and out["val_acc"] == max(accs) and out["best_epoch"] == accs.index(max(accs)) + 1
+    assert sorted(out["val_probs"]) == ["flip", "none", "tencrop"]
+    kept = (out["val_probs"]["none"].argmax(1) == data.val.y.numpy()).mean()
+    assert kept == pytest.approx(out["val_acc"])  # PublicTest scored with the kept epoch, not the last
     model = build_model("convnet", num_classes=7, stem="stride", width=16, depth=2, dropout=0.0,
                         pretrained=False, input_size=48)
     model.load_state_dict(out["state_dict"])

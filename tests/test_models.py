@@ -7,7 +7,6 @@ import torchvision
 from trainables.errors import UserError
 from trainables.models import (
     MODELS,
-    STEMS,
     build_model,
     head_parameters,
     pretrained_weights_path,

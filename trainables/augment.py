@@ -105,8 +105,7 @@ def _strong(magnitude: float) -> list[nn.Module]:
 # kornia.augmentation.auto.RandAugment/TrivialAugment draw the *operation* once per batch
 # (only magnitudes vary per row), so every face in a batch gets the same kind of distortion,
 # and their default op lists include colour ops meaningless for gray images. So the op choice
-# here is per sample: each op is computed for the whole batch (cheap at 48x48) and
-# torch.where picks each sample's result, with no host sync and no per-image loop.
+# here is per sample, with a loop over the 13 op kinds, never over images (see _apply_ops).
 # Geometric ops of one layer are fused into a single affine warp.
 
 _GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
@@ -158,7 +157,7 @@ def _smooth(x: torch.Tensor) -> torch.Tensor:
 
 
 def _intensity(name: str, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Intensity op `name` on the whole batch with signed per-sample strength s in [-1, 1]."""
+    """Intensity op `name` on a batch, with signed per-sample strength s in [-1, 1]."""
     factor = (1.0 + s * _MAX_FACTOR).view(-1, 1, 1, 1)
     if name == "brightness":  # PIL: blend with black
         return x * factor
@@ -181,11 +180,34 @@ def _intensity(name: str, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_ops(x: torch.Tensor, op: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Apply op index op[i] with signed strength s[i] to sample i, for all samples at once."""
-    out = _warp(x, _affine_theta(op, s))  # non-geometric samples get the identity map
+    """Apply op index op[i] with signed strength s[i] to sample i, for all samples at once.
+
+    On a GPU every op runs on the whole batch and torch.where picks each sample's result: at
+    48x48 the GPU has compute to spare, and boolean indexing would stall it with a host sync
+    per op. On a CPU compute is what is scarce, so each op runs only on the samples that drew it.
+    """
+    return _apply_ops_masked(x, op, s) if x.is_cuda else _apply_ops_subsets(x, op, s)
+
+
+def _apply_ops_masked(x: torch.Tensor, op: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Sync-free version: every op on every sample, then select; identity warp for non-geometric ops."""
+    out = _warp(x, _affine_theta(op, s))
     keep = op.view(-1, 1, 1, 1)
     for name in _INTENSITY:  # a loop over op kinds (7), not over images
         out = torch.where(keep == _OPS.index(name), _intensity(name, x, s).clamp(0.0, 1.0), out)
+    return out
+
+
+def _apply_ops_subsets(x: torch.Tensor, op: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Compute-saving version: each op only on the samples that drew it (same results)."""
+    out = x.clone()
+    geometric = (op >= _OPS.index(_GEOMETRIC[0])) & (op <= _OPS.index(_GEOMETRIC[-1]))
+    if geometric.any():
+        out[geometric] = _warp(x[geometric], _affine_theta(op[geometric], s[geometric]))
+    for name in _INTENSITY:
+        chosen = op == _OPS.index(name)
+        if chosen.any():
+            out[chosen] = _intensity(name, x[chosen], s[chosen]).clamp(0.0, 1.0)
     return out
 
 

@@ -9,9 +9,8 @@ the learning rate where the smoothed loss falls fastest ("steepest gradient").
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TQDM_DISABLE", "1")  # the finder's progress bar would flood trial logs
+import contextlib
+import io
 
 import matplotlib
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+import torch_lr_finder.lr_finder as _finder_module
 from torch_lr_finder import LRFinder
 
 from trainables.augment import normalize, to_input
@@ -31,6 +31,17 @@ SKIP_START, SKIP_END = 10, 5
 
 def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, target)
+
+
+@contextlib.contextmanager
+def _quiet():
+    saved = _finder_module.tqdm
+    _finder_module.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        _finder_module.tqdm = saved
 
 
 def lr_range_test(model: torch.nn.Module, train, *, optimizer: str = "sgd", batch_size: int = 64,
@@ -61,7 +72,10 @@ def lr_range_test(model: torch.nn.Module, train, *, optimizer: str = "sgd", batc
     opt = build_optimizer(optimizer, model.parameters(), lr=start_lr, weight_decay=weight_decay,
                           momentum=momentum)
     finder = LRFinder(model, opt, _soft_cross_entropy, device=device)
-    finder.range_test(loader, end_lr=end_lr, num_iter=steps, step_mode="exp")
+    # The finder prints a progress bar and chatty lines; in a trial's log they are noise
+    # (and tqdm reads its off-switch only at import, which Ray's workers did long before).
+    with _quiet():
+        finder.range_test(loader, end_lr=end_lr, num_iter=steps, step_mode="exp")
     lrs, losses = list(finder.history["lr"]), list(finder.history["loss"])
     finder.reset()
     return {"suggested_lr": suggest_lr(lrs, losses), "rule": RULE, "lrs": lrs, "losses": losses}

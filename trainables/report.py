@@ -27,7 +27,7 @@ def plot_confusion(confusions: Mapping[str, np.ndarray], class_names: Sequence[s
     """One panel per entry of `confusions` (e.g. per TTA mode): colour = row share, text = share and count."""
     n = len(class_names)
     side = 1.0 + 0.62 * n
-    fig = Figure(figsize=(side * len(confusions), side + 0.6))
+    fig = Figure(figsize=(side * len(confusions), side + 0.6), layout="constrained")
     axes = fig.subplots(1, len(confusions), squeeze=False)[0]
     for ax, (label, cm) in zip(axes, confusions.items()):
         share = normalize_rows(cm)
@@ -53,7 +53,7 @@ def plot_mistakes(images: np.ndarray, captions: Sequence[str], path: str | os.Pa
     n = max(len(images), 1)
     columns = min(columns, n)
     rows = math.ceil(n / columns)
-    fig = Figure(figsize=(1.75 * columns, 2.05 * rows + 0.4))
+    fig = Figure(figsize=(1.75 * columns, 2.05 * rows + 0.4), layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False)
     for k, ax in enumerate(axes.flat):
         ax.axis("off")

@@ -258,6 +258,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
         optimizer.step()
         schedule.step_batch()
         loss_sum += loss.detach() * len(idx)
+        if (i // batch_size) % 25 == 24 and not torch.isfinite(loss_sum):  # stop soon, but sync rarely
+            raise DivergedError(f"training loss became {float(loss_sum)}")
         correct += (logits.argmax(1) == target.argmax(1)).sum()
         seen += len(idx)
     if device.type == "cuda":
@@ -350,8 +352,12 @@ def _class_weights(counts: torch.Tensor) -> torch.Tensor:
 
 
 def build_run(config: dict, data: FERData, *, epochs: int, device: torch.device | None = None,
-              seed: int = 0) -> Run:
-    """Turn a hyperparameter config into model, optimizer, schedule, augmentation and device data."""
+              seed: int = 0, state: dict | None = None) -> Run:
+    """Turn a hyperparameter config into model, optimizer, schedule, augmentation and device data.
+
+    With `state` (from `run_state`) the run continues where that one stopped; the LR range
+    test is not repeated, since the state carries the rate it found.
+    """
     cfg = resolve_config(config)
     device = device or pick_device()
     torch.manual_seed(seed)
@@ -377,13 +383,13 @@ def build_run(config: dict, data: FERData, *, epochs: int, device: torch.device 
     augment = build_augment(cfg["augment"], magnitude=float(cfg["aug_magnitude"]),
                             mix_alpha=float(cfg["mix_alpha"]), num_classes=nc)
     lr, found = float(cfg["lr"]), None
-    if cfg["lr_mode"] == "range_test":
+    if cfg["lr_mode"] == "range_test" and state is None:
         from trainables.lr_find import lr_range_test  # only needed for this mode
         found = lr_range_test(model, train, optimizer=cfg["optimizer"], batch_size=int(cfg["batch_size"]),
                               weight_decay=float(cfg["weight_decay"]), momentum=float(cfg["momentum"]),
                               augment=augment, device=device, generator=generator)
         lr = found["suggested_lr"]
-    elif cfg["lr_mode"] != "searched":
+    elif cfg["lr_mode"] not in ("searched", "range_test"):
         raise UserError(f"unknown lr_mode '{cfg['lr_mode']}'; choose from ['range_test', 'searched']")
     optimizer = build_optimizer(cfg["optimizer"], model.parameters(), lr=lr,
                                 weight_decay=float(cfg["weight_decay"]), momentum=float(cfg["momentum"]))
@@ -392,9 +398,12 @@ def build_run(config: dict, data: FERData, *, epochs: int, device: torch.device 
                         warmup_epochs=float(cfg["warmup_epochs"]), step_epochs=int(cfg["step_epochs"]),
                         step_gamma=float(cfg["step_gamma"]), plateau_patience=int(cfg["plateau_patience"]),
                         plateau_factor=float(cfg["plateau_factor"]))
-    return Run(config=cfg, model=model, optimizer=optimizer, schedule=schedule, augment=augment,
-               train=train, val=val, device=device, class_weights=class_weights,
-               sample_weights=sample_weights, generator=generator, epochs=epochs, lr_find=found)
+    run = Run(config=cfg, model=model, optimizer=optimizer, schedule=schedule, augment=augment,
+              train=train, val=val, device=device, class_weights=class_weights,
+              sample_weights=sample_weights, generator=generator, epochs=epochs, lr_find=found)
+    if state is not None:
+        load_run_state(run, state)
+    return run
 
 
 def run_epoch(run: Run) -> dict[str, float]:
@@ -417,7 +426,8 @@ def run_state(run: Run) -> dict:
     """A checkpointable state: model, optimizer, schedule, epoch and the sampling RNG."""
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "schedule": run.schedule.state_dict(), "epoch": run.epoch,
-            "generator": run.generator.get_state(), "config": run.config}
+            "generator": run.generator.get_state(), "config": run.config,
+            "found_lr": run.lr_find["suggested_lr"] if run.lr_find else None}
 
 
 def load_run_state(run: Run, state: dict) -> None:
@@ -427,3 +437,5 @@ def load_run_state(run: Run, state: dict) -> None:
     run.schedule.load_state_dict(state["schedule"])
     run.epoch = int(state["epoch"])
     run.generator.set_state(state["generator"])
+    if state.get("found_lr") is not None:
+        run.lr_find = {"suggested_lr": state["found_lr"]}

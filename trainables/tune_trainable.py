@@ -17,7 +17,7 @@ import torch
 from ray import tune
 
 from trainables.data import FERData
-from trainables.train import DivergedError, build_run, load_run_state, run_epoch, run_state
+from trainables.train import DivergedError, build_run, run_epoch, run_state
 
 CHECKPOINT_FILE = "run.pt"
 # Test hook: `FER_INJECT_FAILURE=<arch>:<epoch>` raises in trials of that arch at that
@@ -42,16 +42,20 @@ def train_fer(config: dict, *, data: FERData, max_epochs: int, seed: int, thread
     """Train one trial: report PublicTest metrics and a checkpoint after every epoch."""
     torch.set_num_threads(max(1, threads))
     start = time.perf_counter()
-    run = build_run(config, data, epochs=max_epochs, seed=seed)
-    best = 0.0
+    state, best, last = None, 0.0, {}
     checkpoint = tune.get_checkpoint()
-    if checkpoint:
+    if checkpoint:  # a retry after a crash, ASHA resuming a paused trial, or --resume
         with checkpoint.as_directory() as path:
             state = torch.load(os.path.join(path, CHECKPOINT_FILE), weights_only=True)
-        load_run_state(run, state)
-        best = float(state.get("best_val_acc", 0.0))
-        start -= float(state.get("seconds", 0.0))
+        best, last = float(state["best_val_acc"]), dict(state["metrics"])
+        start -= float(state["metrics"]["seconds"])
+    run = build_run(config, data, epochs=max_epochs, seed=seed, state=state)
     node = ray.get_runtime_context().get_node_id()
+    if run.epoch >= max_epochs:
+        # The driver died after this trial's last epoch was saved but before Tune marked it
+        # done: report that epoch again so the trial completes with its real result.
+        tune.report(last)
+        return
     while run.epoch < max_epochs:
         _inject_faults(config, run.epoch, run)
         try:
@@ -62,12 +66,12 @@ def train_fer(config: dict, *, data: FERData, max_epochs: int, seed: int, thread
                          "node_id": node, "seconds": time.perf_counter() - start})
             return
         best = max(best, metrics["val_acc"])
-        seconds = time.perf_counter() - start
-        metrics.update({"best_val_acc": best, "diverged": 0, "node_id": node, "seconds": seconds})
+        metrics.update({"best_val_acc": best, "diverged": 0, "node_id": node,
+                        "seconds": time.perf_counter() - start})
         if run.lr_find:
             metrics["found_lr"] = run.lr_find["suggested_lr"]
         with tempfile.TemporaryDirectory() as tmp:
             state = run_state(run)
-            state.update({"best_val_acc": best, "seconds": seconds})
+            state.update({"best_val_acc": best, "metrics": metrics})
             torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))

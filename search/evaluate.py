@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
+from search.cli import run_cli
 from search.settings import _Parser
 from trainables.data import SPLITS, FERData, Split, duplicate_mask, load_fer2013
 from trainables.errors import UserError
@@ -180,12 +181,8 @@ def run_evaluate(argv: Sequence[str] | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: user errors become one line on stderr and exit status 2."""
-    try:
-        return run_evaluate(argv)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    """Entry point: a user error is one line on stderr and exit status 2 (Ctrl-C: 130)."""
+    return run_cli(run_evaluate, argv)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from search.cli import run_cli
 from search.evaluate import load_weights, save_weights, score_split
 from search.export import load_trials
 from search.settings import Settings, _Parser, add_final_flags, check_settings
@@ -518,18 +519,18 @@ def parse_final(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.N
     return s, a
 
 
+def final_command(argv: Sequence[str] | None = None) -> int:
+    """Parse the flags, refuse to replace an earlier final stage unless asked, run the stage; returns 0."""
+    s, flags = parse_final(argv)
+    if (s.experiment_dir / FINAL_DIR / "metrics.csv").exists() and not flags.overwrite:
+        raise UserError(f"{s.experiment_dir / FINAL_DIR} already holds a final stage; add --overwrite to replace it")
+    run_final(s, load_trials(s.experiment_dir, s.max_epochs), ttas=flags.tta)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: user errors become one line on stderr and exit status 2."""
-    try:
-        s, flags = parse_final(argv)
-        if (s.experiment_dir / FINAL_DIR / "metrics.csv").exists() and not flags.overwrite:
-            raise UserError(f"{s.experiment_dir / FINAL_DIR} already holds a final stage; add --overwrite to "
-                            f"replace it")
-        run_final(s, load_trials(s.experiment_dir, s.max_epochs), ttas=flags.tta)
-        return 0
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    """Entry point: a user error is one line on stderr and exit status 2 (Ctrl-C: 130)."""
+    return run_cli(final_command, argv)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -154,14 +155,28 @@ def run_search(s: Settings) -> int:
     write_text(exp / "settings.json", s.to_json())
     print(f"experiment {exp}: space {s.space}, {len(data.train)} training images, "
           f"{len(data.val)} PublicTest images, {s.num_samples} trials")
-    tuner.fit()
+    started = time.monotonic()
+    try:
+        tuner.fit()
+    except KeyboardInterrupt:  # a second Ctrl-C: Ray stops at once
+        pass
     df = export_trials(exp, s.max_epochs)
     print_summary(df, exp)
+    if _interrupted(df, s, time.monotonic() - started):
+        print(f"\nThe search was interrupted; finished trials are in {exp / 'trials.csv'}. To continue it, "
+              f"run the same command with --resume.", file=sys.stderr)
+        return 130
     if s.final:
         from search.final import run_final
 
         run_final(s, df)
     return 0
+
+
+def _interrupted(df, s: Settings, elapsed: float) -> bool:
+    """Whether Ctrl-C stopped the search: trials left unfinished without the time budget running out."""
+    unfinished = df["status"].isin(["PENDING", "RUNNING", "PAUSED"]).any() or len(df) < s.num_samples
+    return bool(unfinished) and not (s.time_budget and elapsed >= s.time_budget)
 
 
 def main(argv: list[str] | None = None) -> int:

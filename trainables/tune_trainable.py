@@ -20,19 +20,31 @@ from trainables.data import FERData
 from trainables.train import DivergedError, build_run, run_epoch, run_state
 
 CHECKPOINT_FILE = "run.pt"
-# Test hook: `FER_INJECT_FAILURE=<arch>:<epoch>` raises in trials of that arch at that
-# epoch, `FER_INJECT_NAN=<arch>` makes their loss NaN, so the failure paths are tested for real.
+# Test hooks, so that the failure paths are exercised for real through the CLI:
+# FER_INJECT_FAILURE="optimizer=sgd@1;optimizer=adam@1:once" raises at the start of epoch 1
+#   (0-based) in trials whose config matches, every time or only the first time;
+# FER_INJECT_NAN="optimizer=adamw" turns the weights of matching trials into NaN.
 _INJECT_FAILURE = "FER_INJECT_FAILURE"
 _INJECT_NAN = "FER_INJECT_NAN"
 
 
+def _matches(config: dict, spec: str) -> bool:
+    key, _, value = spec.partition("=")
+    return str(config.get(key)) == value
+
+
 def _inject_faults(config: dict, epoch: int, run) -> None:
-    spec = os.environ.get(_INJECT_FAILURE, "")
-    if spec:
-        arch, _, at = spec.partition(":")
-        if config.get("arch") == arch and epoch == int(at or 0):
-            raise RuntimeError(f"injected failure in {arch} at epoch {epoch}")
-    if os.environ.get(_INJECT_NAN) and config.get("arch") == os.environ[_INJECT_NAN]:
+    for spec in filter(None, os.environ.get(_INJECT_FAILURE, "").split(";")):
+        cond, _, when = spec.partition("@")
+        at, _, mode = when.partition(":")
+        if _matches(config, cond) and epoch == int(at or 0):
+            marker = os.path.join(tune.get_context().get_trial_dir(), "injected_failure")
+            if mode == "once" and os.path.exists(marker):
+                continue
+            open(marker, "w").close()
+            raise RuntimeError(f"injected failure ({spec}) at epoch {epoch}")
+    nan = os.environ.get(_INJECT_NAN, "")
+    if nan and _matches(config, nan):
         with torch.no_grad():
             for p in run.model.parameters():
                 p.fill_(math.nan)

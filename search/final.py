@@ -438,10 +438,10 @@ def clear_outputs(out: Path) -> None:
         shutil.rmtree(out / sub, ignore_errors=True)
 
 
-def run_final(settings: Settings, trials_df: pd.DataFrame, *, ttas: Sequence[str] = TTA_MODES) -> Path:
+def run_final(settings: Settings, trials_df: pd.DataFrame) -> Path:
     """Retrain the top configurations of `trials_df` and evaluate them on PrivateTest; returns the output folder.
 
-    Each TTA mode in `ttas` (default: none, flip and ten-crop) gets its own rows.
+    Each TTA mode in `settings.final_tta` gets its own rows.
     """
     s = settings
     out = s.experiment_dir / FINAL_DIR
@@ -453,7 +453,7 @@ def run_final(settings: Settings, trials_df: pd.DataFrame, *, ttas: Sequence[str
     start = time.perf_counter()
     data = load_final_data(s)  # before any training: a bad PrivateTest fails now, not after hours
     clear_outputs(out)
-    ttas = [ANALYSIS_TTA, *dict.fromkeys(t for t in ttas if t != ANALYSIS_TTA)]  # the analysis needs "none"
+    ttas = [ANALYSIS_TTA, *dict.fromkeys(t for t in s.final_tta if t != ANALYSIS_TTA)]  # the analysis needs "none"
     runs = retrain_all(s, data, candidates, epochs=epochs, out=out, ttas=ttas)
     if not runs:
         raise UserError("every final run diverged in its first epoch; nothing to evaluate")
@@ -487,11 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="data for this stage, holding the search's Training and PublicTest (default: the experiment's)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier final stage of this experiment")
-    p.add_argument("--tta", nargs="+", choices=list(TTA_MODES), default=list(TTA_MODES),
-                   help="test-time augmentations to report, each separately; 'none' is always included "
-                        "(default: none flip tencrop; ten-crop costs 10 forward passes per image)")
     # None marks a flag left out, so settings.json decides (the shared help text names the search's defaults).
-    p.set_defaults(final_top_k=None, final_epochs=None, final_seeds=None, beta=None)
+    p.set_defaults(final_top_k=None, final_epochs=None, final_seeds=None, beta=None, final_tta=None)
     return p
 
 
@@ -508,12 +505,14 @@ def read_settings(experiment: Path) -> Settings:
 
 
 def parse_final(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Namespace]:
-    """Flags + settings.json -> the Settings of this stage, and the parsed flags (for --overwrite, --tta)."""
+    """Flags + settings.json -> the Settings of this stage, and the parsed flags (for --overwrite)."""
     a = build_parser().parse_args(argv)
     experiment = Path(a.experiment)
     s = read_settings(experiment)
     overrides = {key: getattr(a, key) for key in ("final_top_k", "final_epochs", "final_seeds", "beta", "address",
                                                   "data") if getattr(a, key) is not None}
+    if a.final_tta is not None:
+        overrides["final_tta"] = tuple(a.final_tta)
     s = dataclasses.replace(s, **overrides)
     check_settings(s)
     return s, a
@@ -524,7 +523,7 @@ def final_command(argv: Sequence[str] | None = None) -> int:
     s, flags = parse_final(argv)
     if (s.experiment_dir / FINAL_DIR / "metrics.csv").exists() and not flags.overwrite:
         raise UserError(f"{s.experiment_dir / FINAL_DIR} already holds a final stage; add --overwrite to replace it")
-    run_final(s, load_trials(s.experiment_dir, s.max_epochs), ttas=flags.tta)
+    run_final(s, load_trials(s.experiment_dir, s.max_epochs))
     return 0
 
 

@@ -49,6 +49,7 @@ class Settings:
     final_epochs: int = 0             # 0: same as max_epochs
     final_seeds: int = 3
     beta: float = 1.0
+    final_tta: tuple[str, ...] = ("none", "flip")
 
     @property
     def experiment_dir(self) -> Path:
@@ -60,7 +61,10 @@ class Settings:
     @classmethod
     def from_json(cls, text: str) -> "Settings":
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in json.loads(text).items() if k in fields})
+        values = {k: v for k, v in json.loads(text).items() if k in fields}
+        if "final_tta" in values:  # JSON has no tuples
+            values["final_tta"] = tuple(values["final_tta"])
+        return cls(**values)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,6 +81,9 @@ def add_final_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--final-epochs", type=int, default=0, help="epochs per final run (default: --max-epochs)")
     p.add_argument("--final-seeds", type=int, default=3, help="seeds per configuration (default 3)")
     p.add_argument("--beta", type=float, default=1.0, help="beta of the F-beta score (default 1)")
+    p.add_argument("--final-tta", nargs="+", choices=["none", "flip", "tencrop"], default=["none", "flip"],
+                   help="test-time augmentations, each reported separately; 'none' is always included "
+                        "(default: none flip; tencrop costs 10 forward passes per image)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +158,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
                  cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial, time_budget=a.time_budget,
                  seed=a.seed, address=a.address, labels=a.labels, ferplus=a.ferplus, pretrained=a.pretrained,
                  resume=a.resume, max_failures=a.max_failures, final=not a.no_final,
-                 final_top_k=a.final_top_k, final_epochs=a.final_epochs, final_seeds=a.final_seeds, beta=a.beta)
+                 final_top_k=a.final_top_k, final_epochs=a.final_epochs, final_seeds=a.final_seeds, beta=a.beta,
+                 final_tta=tuple(a.final_tta))
     check_settings(s)
     return s

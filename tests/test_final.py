@@ -62,7 +62,8 @@ def final_dir(experiment):
     """`search.final` on the experiment, with the intact data: 1 configuration x 2 seeds x 1 epoch."""
     assert experiment["search"].returncode == 0, experiment["search"].stderr[-3000:]
     r = run_cli("search.final", str(experiment["exp"]), "--data", str(experiment["root"] / "good.csv"),
-                "--final-top-k", "1", "--final-seeds", "2", "--final-epochs", "1")
+                "--final-top-k", "1", "--final-seeds", "2", "--final-epochs", "1",
+                "--final-tta", "none", "flip", "tencrop")
     assert r.returncode == 0, r.stderr[-3000:]
     out = experiment["exp"] / "final"
     assert "PrivateTest" in r.stdout and "ensemble_all" in r.stdout  # the table is printed

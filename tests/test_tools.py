@@ -1,0 +1,69 @@
+"""The smaller commands (LR range test, augmentation preview) and the cluster config."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from tests.helpers import ROOT, run_cli
+from trainables.augment import POLICIES
+from trainables.data import FERData, Split, make_demo
+from trainables.train import build_run
+
+
+def test_lr_find_writes_curve_and_suggestion(tmp_path):
+    r = run_cli("search.lr_find", "--arch", "convnet", "--data", "demo", "--steps", "60", "--batch-size", "32",
+                "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    curve = pd.read_csv(tmp_path / "convnet-sgd-bs32.csv")
+    assert list(curve.columns) == ["lr", "loss"] and 20 <= len(curve) <= 60
+    assert curve["lr"].is_monotonic_increasing
+    assert (tmp_path / "convnet-sgd-bs32.png").stat().st_size > 1000
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("suggested learning rate:"))
+    assert curve["lr"].min() <= float(line.split(":")[1]) <= curve["lr"].max()
+    assert "rule: steepest gradient" in r.stdout
+
+
+def test_lr_find_rejects_unknown_model(tmp_path):
+    r = run_cli("search.lr_find", "--arch", "vgg", "--data", "demo", "--out", str(tmp_path))
+    assert r.returncode == 2 and "unknown model 'vgg'" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("policy", ["strong", "cutmix"])
+def test_augment_preview_writes_png(tmp_path, policy):
+    out = tmp_path / f"{policy}.png"
+    r = run_cli("search.augment_preview", "--policy", policy, "--data", "demo", "--images", "3", "--draws", "4",
+                "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert out.stat().st_size > 1000
+
+
+def test_augment_preview_unknown_policy(tmp_path):
+    r = run_cli("search.augment_preview", "--policy", "sepia", "--data", "demo", "--out", str(tmp_path / "x.png"))
+    assert r.returncode == 2 and "sepia" in r.stderr and sorted(POLICIES)[0] in r.stderr
+
+
+def test_soft_labels_train_on_vote_distributions():
+    demo = make_demo(n_train=140, n_val=70)
+    n, c = len(demo.train), 8  # FER+ has 8 classes
+    soft = torch.softmax(torch.randn(n, c), 1)
+    train = Split(demo.train.x, soft.argmax(1), demo.train.rows, soft)
+    val = Split(demo.val.x, demo.val.y % c, demo.val.rows)
+    data = FERData(classes=tuple(f"c{i}" for i in range(c)), splits={"Training": train, "PublicTest": val},
+                   source="test")
+    run = build_run({"soft_labels": True, "width": 8}, data, epochs=1)
+    assert torch.allclose(run.train.target, soft) and run.model(torch.zeros(2, 1, 48, 48)).shape == (2, 8)
+    hard = build_run({"soft_labels": False, "width": 8}, data, epochs=1)
+    assert set(hard.train.target.sum(1).tolist()) == {1.0} and hard.train.target.max() == 1.0
+
+
+def test_cluster_yaml_is_a_valid_ray_cluster_config():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(config))
+    assert "RAY_AUTH_MODE=token" in " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
+    with pytest.raises(Exception):
+        validate_config({**prepare_config(config), "no_such_key": 1})

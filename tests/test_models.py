@@ -14,14 +14,7 @@ from trainables.models import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny batches gain nothing from intra-op threads, and on a shared CPU the thread pool's
-    spin-waiting costs several times the work itself; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _faces(batch: int = 2, size: int = 48) -> torch.Tensor:

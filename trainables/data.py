@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from trainables.errors import UserError
+from trainables.files import atomic_path
 
 EMOTIONS: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 FERPLUS_CLASSES: tuple[str, ...] = (
@@ -393,15 +393,10 @@ def _write_cache(path: Path, key: dict[str, int], n_rows: int, parsed: dict[str,
 
 def _atomic_write(target: Path, write: Callable[[IO[bytes]], Any]) -> None:
     """Write through a temporary file in the same directory, then rename over `target`."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as f:
             write(f)
         os.chmod(tmp, 0o644)   # mkstemp makes 0600; other users of a shared data dir may read it
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- FER+

@@ -109,8 +109,9 @@ def build_tuner(s: Settings, data: FERData, exp: Path, cluster: dict):
                              threads=s.cpus_per_trial), resources)
     storage = str(exp.resolve())
     if s.resume:
+        # Finished trials (errored ones included) stay as they are; unfinished ones continue.
         return tune.Tuner.restore(str(Path(storage) / TUNE_DIR), trainable, resume_unfinished=True,
-                                  resume_errored=True)
+                                  resume_errored=False)
     space = partial(get_space(s.space), ferplus=s.labels == "ferplus", pretrained=resolve_pretrained(s))
     sampler = (optuna.samplers.TPESampler(seed=s.seed) if s.searcher == "optuna"
                else optuna.samplers.RandomSampler(seed=s.seed))

@@ -67,3 +67,13 @@ def test_cluster_yaml_is_a_valid_ray_cluster_config():
     assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
     with pytest.raises(Exception):
         validate_config({**prepare_config(config), "no_such_key": 1})
+
+
+def test_every_torch_load_is_weights_only():
+    import re
+
+    calls = []
+    for path in [*ROOT.glob("search/*.py"), *ROOT.glob("trainables/*.py")]:
+        calls += [(path.name, m.group(0)) for m in re.finditer(r"torch\.load\([^)]*\)", path.read_text())]
+    assert calls, "no torch.load found: the pattern is stale"
+    assert all("weights_only=True" in call for _, call in calls), calls

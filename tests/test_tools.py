@@ -70,10 +70,7 @@ def test_cluster_yaml_is_a_valid_ray_cluster_config():
 
 
 def test_every_torch_load_is_weights_only():
-    import re
-
-    calls = []
-    for path in [*ROOT.glob("search/*.py"), *ROOT.glob("trainables/*.py")]:
-        calls += [(path.name, m.group(0)) for m in re.finditer(r"torch\.load\([^)]*\)", path.read_text())]
-    assert calls, "no torch.load found: the pattern is stale"
-    assert all("weights_only=True" in call for _, call in calls), calls
+    calls = [(path.name, line.strip()) for path in [*ROOT.glob("search/*.py"), *ROOT.glob("trainables/*.py")]
+             for line in path.read_text().splitlines() if "torch.load(" in line]
+    assert len(calls) >= 3, "fewer torch.load calls than the project has: the pattern is stale"
+    assert all("weights_only=True" in line for _, line in calls), calls

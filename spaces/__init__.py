@@ -45,8 +45,7 @@ def _training(trial, *, ferplus: bool = False) -> dict[str, Any]:
     if augment in ("mixup", "cutmix"):
         trial.suggest_float("mix_alpha", 0.1, 2.0, log=True)
     trial.suggest_float("label_smoothing", 0.0, 0.2)
-    trial.suggest_categorical("class_weighting", ["none", "inverse"])
-    trial.suggest_categorical("sampler", ["uniform", "balanced"])
+    trial.suggest_categorical("imbalance", ["none", "weighted_loss", "balanced_sampler"])
     if ferplus:  # FER+ votes can be the training target instead of the majority label
         trial.suggest_categorical("soft_labels", [False, True])
     return {}

@@ -6,7 +6,7 @@ from spaces import AUGMENTS, FAMILIES, SPACES, archs_of, get_space
 from trainables.augment import POLICIES
 from trainables.errors import UserError
 from trainables.models import MODELS
-from trainables.train import DEFAULTS, OPTIMIZERS, SCHEDULES, resolve_config
+from trainables.train import DEFAULTS, IMBALANCE, OPTIMIZERS, SCHEDULES, resolve_config
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -29,7 +29,7 @@ def test_space_samples_valid_configs(name):
         full = resolve_config(cfg)
         assert full["arch"] in MODELS and full["arch"] in archs_of(name)
         assert full["optimizer"] in OPTIMIZERS and full["schedule"] in SCHEDULES
-        assert full["augment"] in POLICIES
+        assert full["augment"] in POLICIES and full["imbalance"] in IMBALANCE
         assert full["batch_size"] in (32, 64, 128, 256)
         assert 1e-6 <= full["weight_decay"] <= 1e-2
         assert 0.0 <= full["label_smoothing"] <= 0.2 and 0.0 <= full["dropout"] <= 0.5
@@ -62,8 +62,7 @@ def test_fixed_trial_gives_constants():
     params = {"resnet_arch": "resnet34", "stem": "keep", "dropout": 0.1, "optimizer": "adamw",
               "lr_mode": "searched", "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 64, "schedule": "step",
               "warmup_epochs": 1.0, "step_epochs": 5, "step_gamma": 0.1, "augment": "mixup",
-              "aug_magnitude": 0.5, "mix_alpha": 0.4, "label_smoothing": 0.1, "class_weighting": "inverse",
-              "sampler": "uniform"}
+              "aug_magnitude": 0.5, "mix_alpha": 0.4, "label_smoothing": 0.1, "imbalance": "weighted_loss"}
     out = SPACES["resnet"](optuna.trial.FixedTrial(params))
     assert out["arch"] == "resnet34" and out["pretrained"] is False
 

@@ -112,12 +112,17 @@ def test_nan_loss_raises_diverged(demo):
 def test_balanced_sampler_and_class_weights(demo):
     counts = torch.bincount(demo.train.y, minlength=7)
     assert counts[1] < counts.float().mean()  # demo disgust is rare, like FER2013's
-    run = build_run({"sampler": "balanced", "class_weighting": "inverse", "width": 8}, demo, epochs=1)
+    run = build_run({"imbalance": "balanced_sampler", "width": 8}, demo, epochs=1)
+    assert run.class_weights is None  # one correction, never both
     draws = torch.multinomial(run.sample_weights, 70000, replacement=True, generator=torch.Generator().manual_seed(0))
     freq = torch.bincount(demo.train.y[draws], minlength=7).float() / 70000
     assert torch.allclose(freq, torch.full((7,), 1 / 7), atol=0.01)
+    run = build_run({"imbalance": "weighted_loss", "width": 8}, demo, epochs=1)
     w = run.class_weights
-    assert w.argmax() == 1 and w.mean().item() == pytest.approx(1.0)
+    assert run.sample_weights is None and w.argmax() == 1 and w.mean().item() == pytest.approx(1.0)
+    assert w[1] / w[0] == pytest.approx((counts[0] / counts[1]).item(), rel=1e-5)
+    with pytest.raises(UserError, match="unknown imbalance handling 'smote'"):
+        build_run({"imbalance": "smote", "width": 8}, demo, epochs=1)
 
 
 def test_lr_range_test_finds_rate_in_range(demo):

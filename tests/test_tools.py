@@ -22,7 +22,7 @@ def test_lr_find_writes_curve_and_suggestion(tmp_path):
     assert (tmp_path / "convnet-sgd-bs32.png").stat().st_size > 1000
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("suggested learning rate:"))
     assert curve["lr"].min() <= float(line.split(":")[1]) <= curve["lr"].max()
-    assert "rule: steepest gradient" in r.stdout
+    assert "rule: steepest descent" in r.stdout
 
 
 def test_lr_find_rejects_unknown_model(tmp_path):

@@ -142,3 +142,6 @@ def test_suggest_lr_picks_steepest_descent():
     lrs = [10 ** (-6 + i * 0.1) for i in range(50)]
     losses = [2.0] * 20 + [1.9, 1.7, 1.0, 0.9] + [0.9 + 0.1 * i for i in range(26)]
     assert suggest_lr(lrs, losses) == lrs[21]  # where the loss falls fastest
+    # Batch norm often lets the loss fall again after blowing up: never suggest past the minimum.
+    blown = [2.0] * 20 + [1.9, 1.6, 1.2, 1.0] + [3.0, 5.0, 4.0, 2.0, 0.5, 0.6] + [1.0] * 20
+    assert suggest_lr(lrs, blown) == lrs[21]

@@ -5,7 +5,10 @@ learning rate over a few hundred steps, exponentially smoothed loss, a stop once
 the loss passes 5x its best, and the model and optimizer restored afterwards. We
 feed it our own batches (sliced from the in-memory tensor and augmented on the
 device) through a `DataLoader` over indices, and report its suggestion rule:
-the learning rate where the smoothed loss falls fastest ("steepest gradient").
+the learning rate where the smoothed loss falls fastest ("steepest gradient"), but
+searched only before the loss's minimum: with batch norm the loss often falls again
+after blowing up, and the plain rule then picks a rate past the blow-up (1.1 for
+SGD on FER2013, where the minimum is at 0.04).
 """
 from __future__ import annotations
 
@@ -25,8 +28,10 @@ from torch_lr_finder import LRFinder
 
 from trainables.augment import normalize, to_input
 
-RULE = "steepest gradient of the smoothed loss (torch-lr-finder), skipping the first 10 and last 5 points"
-SKIP_START, SKIP_END = 10, 5
+RULE = ("steepest descent of the smoothed loss before its first minimum (torch-lr-finder's rule, "
+        "limited to the falling part of the curve), skipping the first 10 points")
+SKIP_START = 10
+BLOWUP = 1.2  # the smoothed loss this many times its lowest so far: the sweep has blown up
 
 
 def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -82,12 +87,19 @@ def lr_range_test(model: torch.nn.Module, train, *, optimizer: str = "sgd", batc
 
 
 def suggest_lr(lrs: list[float], losses: list[float]) -> float:
-    """torch-lr-finder's rule: the LR of the steepest descent of the smoothed loss."""
-    lo, hi = SKIP_START, len(lrs) - SKIP_END
-    if hi - lo < 2:  # too short a curve (it diverged at once): the lowest finite point
-        lo, hi = 0, len(lrs)
-    grads = np.gradient(np.asarray(losses[lo:hi], dtype=float))
-    grads[~np.isfinite(grads)] = np.inf
+    """The LR where the smoothed loss falls fastest, between `SKIP_START` and the loss's first minimum.
+
+    The curve is first cut where the loss rises `BLOWUP` times above its lowest value so far,
+    so a second descent after a blow-up never counts.
+    """
+    loss = np.asarray(losses, dtype=float)
+    loss[~np.isfinite(loss)] = np.inf
+    blown = np.nonzero(loss > BLOWUP * np.minimum.accumulate(loss))[0]
+    loss = loss[: blown[0]] if len(blown) else loss
+    lo, hi = SKIP_START, int(np.argmin(loss)) + 1
+    if hi - lo < 3:  # the minimum comes (almost) first: one tenth of its rate, the usual fallback
+        return float(lrs[hi - 1]) / 10
+    grads = np.gradient(loss[lo:hi])
     return float(lrs[lo + int(np.argmin(grads))])
 
 

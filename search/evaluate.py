@@ -25,8 +25,7 @@ from trainables.data import SPLITS, FERData, Split, duplicate_mask, load_fer2013
 from trainables.errors import UserError
 from trainables.files import atomic_path, write_text
 from trainables.metrics import SCALAR_METRICS, classification_metrics, confused_pairs, masked_accuracy
-from trainables.models import build_model
-from trainables.train import TTA_MODES, pick_device, predict, resolve_config
+from trainables.train import TTA_MODES, model_from_config, pick_device, predict, resolve_config
 
 WEIGHTS_KEYS = ("state_dict", "config", "classes", "num_classes")
 
@@ -68,9 +67,7 @@ def read_weights(path: str | os.PathLike) -> dict:
 def model_from_weights(ckpt: dict, *, device: torch.device | None = None, source: str = "weights") -> nn.Module:
     """Rebuild the model of a weights dict and load its state_dict (ImageNet files are never needed)."""
     cfg = resolve_config(ckpt["config"])
-    model = build_model(cfg["arch"], num_classes=int(ckpt["num_classes"]), stem=cfg["stem"],
-                        width=int(cfg["width"]), depth=int(cfg["depth"]), dropout=float(cfg["dropout"]),
-                        pretrained=False, input_size=int(cfg["input_size"]))
+    model = model_from_config(cfg, int(ckpt["num_classes"]), pretrained=False)
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:

@@ -487,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="data for this stage, holding the search's Training and PublicTest (default: the experiment's)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier final stage of this experiment")
+    p.add_argument("--cpus-per-trial", type=int, default=None, help="CPU cores per run (default: the experiment's)")
+    p.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="GPUs per run, e.g. 0 to finish a GPU experiment on a CPU machine (default: the experiment's)")
     # None marks a flag left out, so settings.json decides (the shared help text names the search's defaults).
     p.set_defaults(final_top_k=None, final_epochs=None, final_seeds=None, beta=None, final_tta=None)
     return p
@@ -510,7 +513,8 @@ def parse_final(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.N
     experiment = Path(a.experiment)
     s = read_settings(experiment)
     overrides = {key: getattr(a, key) for key in ("final_top_k", "final_epochs", "final_seeds", "beta", "address",
-                                                  "data") if getattr(a, key) is not None}
+                                                  "data", "cpus_per_trial", "gpus_per_trial")
+                 if getattr(a, key) is not None}
     if a.final_tta is not None:
         overrides["final_tta"] = tuple(a.final_tta)
     s = dataclasses.replace(s, **overrides)

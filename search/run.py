@@ -50,13 +50,38 @@ def check_experiment_dir(s: Settings) -> Path:
     return exp
 
 
+# Settings that define what a search is; a resumed search must keep them.
+SEARCH_FIELDS = ("space", "data", "train_fraction", "labels", "ferplus", "seed", "num_samples", "max_epochs",
+                 "grace_epochs", "searcher", "scheduler", "pretrained")
+
+
+def check_resume_settings(s: Settings) -> None:
+    """--resume continues the same search: refuse flags that would change it (other data, space, seed...)."""
+    path = s.experiment_dir / "settings.json"
+    if not path.exists():
+        return
+    before = Settings.from_json(path.read_text())
+    changed = [f"--{f.replace('_', '-')} {getattr(before, f)} (now {getattr(s, f)})"
+               for f in SEARCH_FIELDS if getattr(before, f) != getattr(s, f)]
+    if changed:
+        raise UserError(f"--resume must repeat the experiment's search flags; it was started with "
+                        f"{', '.join(changed)}")
+
+
 def resolve_pretrained(s: Settings) -> bool:
-    """Whether ImageNet weights are a search dimension (auto: where every file is present)."""
-    if s.pretrained != "auto" or s.space == "convnet":
-        return s.pretrained == "search" and s.space != "convnet"
+    """Whether ImageNet weights are a search dimension: `search` needs every file, `auto` uses them if present."""
+    archs = [a for a in archs_of(s.space) if a != "convnet"]
+    if s.pretrained == "off" or not archs:
+        return False
     from trainables.models import pretrained_weights_path
 
-    return all(pretrained_weights_path(a).exists() for a in archs_of(s.space) if a != "convnet")
+    missing = [pretrained_weights_path(a) for a in archs if not pretrained_weights_path(a).exists()]
+    if s.pretrained == "search" and missing:
+        raise UserError(f"--pretrained search needs ImageNet weights, but {missing[0]} is missing "
+                        f"({len(missing)} of {len(archs)} files); fetch them on a connected machine with "
+                        f"python -c \"import torchvision; torchvision.models.{archs[0]}(weights='IMAGENET1K_V1')\" "
+                        f"(one call per model) and copy $TORCH_HOME/hub/checkpoints here, or use --pretrained off")
+    return not missing
 
 
 def start_ray(s: Settings) -> dict:
@@ -83,17 +108,20 @@ def trial_resources(s: Settings, cluster: dict) -> tuple[dict, int]:
     gpus = s.gpus_per_trial
     if gpus < 0:
         gpus = 0.5 if cluster.get("GPU", 0) else 0.0
-    if gpus > 0 and not cluster.get("GPU", 0):
-        raise UserError(f"--gpus-per-trial {gpus} but {'the cluster' if s.address else 'this machine'} "
-                        f"has no GPU; use --gpus-per-trial 0")
-    fits = int(cluster.get("CPU", 1) // s.cpus_per_trial)
-    if gpus:
-        fits = min(fits, int(cluster["GPU"] // gpus))
+    if not s.address:  # a cluster's autoscaler may still add nodes; a local machine will not grow
+        if gpus > 0 and not cluster.get("GPU", 0):
+            raise UserError(f"--gpus-per-trial {gpus} but this machine has no GPU; use --gpus-per-trial 0")
+        if s.cpus_per_trial > cluster.get("CPU", 1):
+            raise UserError(f"--cpus-per-trial {s.cpus_per_trial} but this machine has "
+                            f"{int(cluster.get('CPU', 1))} CPUs")
+    fits = max(1, int(cluster.get("CPU", 1) // s.cpus_per_trial))
+    if gpus and cluster.get("GPU", 0):
+        fits = min(fits, max(1, int(cluster["GPU"] // gpus)))
     concurrent = s.max_concurrent or max(1, min(fits, s.num_samples))
     return {"cpu": s.cpus_per_trial, "gpu": gpus}, concurrent
 
 
-def build_tuner(s: Settings, data: FERData, exp: Path, cluster: dict):
+def build_tuner(s: Settings, data: FERData, exp: Path, cluster: dict, *, pretrained: bool = False):
     """The Tuner: OptunaSearch (TPE or random, seeded) + ASHA or FIFO, or the restored one with --resume."""
     import optuna
     from ray import tune
@@ -112,13 +140,13 @@ def build_tuner(s: Settings, data: FERData, exp: Path, cluster: dict):
         # Finished trials (errored ones included) stay as they are; unfinished ones continue.
         return tune.Tuner.restore(str(Path(storage) / TUNE_DIR), trainable, resume_unfinished=True,
                                   resume_errored=False)
-    space = partial(get_space(s.space), ferplus=s.labels == "ferplus", pretrained=resolve_pretrained(s))
+    space = partial(get_space(s.space), ferplus=s.labels == "ferplus", pretrained=pretrained)
     sampler = (optuna.samplers.TPESampler(seed=s.seed) if s.searcher == "optuna"
                else optuna.samplers.RandomSampler(seed=s.seed))
     searcher = ConcurrencyLimiter(OptunaSearch(space=space, metric=METRIC, mode=MODE, sampler=sampler, seed=s.seed),
                                   max_concurrent=concurrent)
     scheduler = (ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode=MODE, max_t=s.max_epochs,
-                               grace_period=s.grace_epochs)
+                               grace_period=s.grace_epochs, reduction_factor=3)
                  if s.scheduler == "asha" else FIFOScheduler())
     return tune.Tuner(
         trainable,
@@ -144,6 +172,8 @@ def run_search(s: Settings) -> int:
     """Run the whole experiment described by `s`; returns the exit status."""
     get_space(s.space)
     exp = check_experiment_dir(s)
+    if s.resume:
+        check_resume_settings(s)
     data = load_search_data(s)
     if s.gpus_per_trial > 0 and not s.address:
         import torch
@@ -151,8 +181,9 @@ def run_search(s: Settings) -> int:
         if not torch.cuda.is_available():
             raise UserError(f"--gpus-per-trial {s.gpus_per_trial} but this machine has no GPU; "
                             f"use --gpus-per-trial 0")
+    pretrained = False if s.resume else resolve_pretrained(s)  # a resumed search keeps its space
     cluster = start_ray(s)
-    tuner = build_tuner(s, data, exp, cluster)
+    tuner = build_tuner(s, data, exp, cluster, pretrained=pretrained)
     write_text(exp / "settings.json", s.to_json())
     print(f"experiment {exp}: space {s.space}, {len(data.train)} training images, "
           f"{len(data.val)} PublicTest images, {s.num_samples} trials")
@@ -165,7 +196,7 @@ def run_search(s: Settings) -> int:
     print_summary(df, exp)
     if _interrupted(df, s, time.monotonic() - started):
         print(f"\nThe search was interrupted; finished trials are in {exp / 'trials.csv'}. To continue it, "
-              f"run the same command with --resume.", file=sys.stderr)
+              f"run the same command with --name {s.name} --results {s.results} --resume", file=sys.stderr)
         return 130
     if s.final:
         from search.final import run_final

@@ -17,6 +17,7 @@ RESNETS = ["resnet18", "resnet34", "resnet50", "resnet101"]
 DENSENETS = ["densenet121", "densenet169"]
 FAMILIES = {"convnet": CONVNETS, "resnet": RESNETS, "densenet": DENSENETS}
 AUGMENTS = ["none", "flip_crop", "strong", "randaugment", "trivialaugment", "mixup", "cutmix"]
+MAGNITUDE_AUGMENTS = ("strong", "randaugment", "trivialaugment")
 SCHEDULES = ["cosine", "onecycle", "step", "plateau", "constant"]
 
 
@@ -40,7 +41,7 @@ def _training(trial, *, ferplus: bool = False) -> dict[str, Any]:
         trial.suggest_int("plateau_patience", 1, 5)
         trial.suggest_float("plateau_factor", 0.1, 0.5)
     augment = trial.suggest_categorical("augment", AUGMENTS)
-    if augment != "none":
+    if augment in MAGNITUDE_AUGMENTS:  # the others have no strength to tune
         trial.suggest_float("aug_magnitude", 0.1, 1.0)
     if augment in ("mixup", "cutmix"):
         trial.suggest_float("mix_alpha", 0.1, 2.0, log=True)
@@ -68,8 +69,10 @@ def convnet(trial, *, ferplus: bool = False, pretrained: bool = False) -> dict[s
 def _torchvision_family(trial, family: str, *, ferplus: bool, pretrained: bool) -> dict[str, Any]:
     arch = _arch(trial, family)
     use_weights = trial.suggest_categorical("pretrained", [False, True]) if pretrained else False
-    trial.suggest_categorical("stem", ["stride", "keep", "imagenet"])
-    if use_weights:
+    stem = trial.suggest_categorical("stem", ["stride", "keep", "imagenet"])
+    if use_weights and stem == "imagenet":
+        # Only ImageNet's own stem carries pretrained first-layer weights (the 3x3 stems start fresh),
+        # so only it may be frozen; and upsampling pays off only with its 4x downsampling.
         trial.suggest_categorical("input_size", [48, 96, 112, 224])
         trial.suggest_int("freeze_epochs", 0, 3)
     trial.suggest_float("dropout", 0.0, 0.5)

@@ -37,19 +37,24 @@ def _good(tmp_path):
     return str(write_fer_csv(tmp_path / "good.csv"))
 
 
+def _with_line(tmp_path, line: str):
+    """A valid small fer2013.csv with one bad row appended (its line number is 2 + 112 = 114)."""
+    return str(write_fer_csv(tmp_path / "bad.csv", lines=[line]))
+
+
 CASES = {
-    "missing file": (lambda t: "/nonexistent/fer2013.csv", [], "nonexistent"),
-    "empty file": (lambda t: _csv(t, ""), [], "bad.csv"),
+    "missing file": (lambda t: "/nonexistent/fer2013.csv", [], "/nonexistent/fer2013.csv does not exist"),
+    "empty file": (lambda t: _csv(t, ""), [], "bad.csv is empty"),
     "binary garbage": (lambda t: (t / "bad.csv").write_bytes(bytes(range(256)) * 40) and str(t / "bad.csv"), [],
-                       "bad.csv"),
-    "missing column": (lambda t: _csv(t, f"emotion,pixels\n0,{PIX}\n"), [], "bad.csv"),
-    "2303 pixels": (lambda t: _csv(t, "emotion,pixels,Usage\n0," + " ".join(["0"] * 2303) + ",Training\n"), [],
-                    "2303"),
-    "label 7": (lambda t: _csv(t, f"emotion,pixels,Usage\n7,{PIX},Training\n"), [], "bad.csv"),
-    "label -1": (lambda t: _csv(t, f"emotion,pixels,Usage\n-1,{PIX},Training\n"), [], "bad.csv"),
-    "non-numeric pixel": (lambda t: _csv(t, "emotion,pixels,Usage\n0,x" + " 0" * 2303 + ",Training\n"), [],
-                          "bad.csv"),
-    "unknown usage": (lambda t: _csv(t, f"emotion,pixels,Usage\n0,{PIX},Validation\n"), [], "Validation"),
+                       "binary data"),
+    "missing column": (lambda t: _csv(t, f"emotion,pixels\n0,{PIX}\n"), [], "header must be"),
+    "2303 pixels": (lambda t: _with_line(t, "0," + " ".join(["0"] * 2303) + ",Training"), [],
+                    "line 114: 2303 pixel values"),
+    "label 7": (lambda t: _with_line(t, f"7,{PIX},Training"), [], "line 114: emotion '7' is not valid"),
+    "label -1": (lambda t: _with_line(t, f"-1,{PIX},Training"), [], "line 114: emotion '-1' is not valid"),
+    "non-numeric pixel": (lambda t: _with_line(t, "0,x" + " 0" * 2303 + ",Training"), [],
+                          "line 114: pixel value 'x' is not an integer"),
+    "unknown usage": (lambda t: _with_line(t, f"0,{PIX},Validation"), [], "line 114: Usage 'Validation'"),
     "empty split": (lambda t: _csv(t, f"emotion,pixels,Usage\n0,{PIX},Training\n1,{PIX},PrivateTest\n"), [],
                     "PublicTest"),
     "non-image file": (lambda t: _folder(t, extra="non_image"), [], "notes.txt"),

@@ -49,7 +49,8 @@ def test_schedule_shapes():
     assert step[9] == 1.0 and step[10] == pytest.approx(0.1) and step[20] == pytest.approx(0.01)
     assert set(_trace("constant")) == {1.0}
     plateau = _trace("plateau", plateau_patience=1, plateau_factor=0.5)
-    assert plateau[0] == 1.0 and plateau[-1] < 1.0  # accuracy never improved after epoch 1: cut
+    # Epoch 1 sets the best; each later flat epoch is one without improvement: cut after each.
+    assert plateau[:10] == [1.0] * 10 and plateau[10] == 0.5 and plateau[-1] == 0.125
 
 
 def test_schedule_state_round_trip():

@@ -125,7 +125,8 @@ class Schedule:
         if self.name == "onecycle":  # one-cycle always climbs; 30% of training unless warm-up says otherwise
             frac = self.warmup_epochs / self.epochs if self.warmup_epochs > 0 else 0.3
             return max(1, int(min(max(frac, 0.05), 0.5) * self.total_steps))
-        return int(self.warmup_epochs * self.steps_per_epoch)
+        # Capped at half of training: a long warm-up on a short run would never reach the schedule.
+        return min(int(self.warmup_epochs * self.steps_per_epoch), self.total_steps // 2)
 
     @property
     def total_steps(self) -> int:
@@ -158,7 +159,7 @@ class Schedule:
             self.best, self.bad_epochs = val_acc, 0
         else:
             self.bad_epochs += 1
-            if self.bad_epochs > self.plateau_patience:
+            if self.bad_epochs >= self.plateau_patience:
                 self.plateau_scale *= self.plateau_factor
                 self.bad_epochs = 0
         self._apply()
@@ -345,6 +346,15 @@ def resolve_config(config: dict) -> dict:
     return {**DEFAULTS, **config}
 
 
+def model_from_config(config: dict, num_classes: int, *, pretrained: bool | None = None) -> nn.Module:
+    """The model a config describes (`pretrained` overrides the config's, e.g. to skip reading ImageNet files)."""
+    cfg = resolve_config(config)
+    use_weights = bool(cfg["pretrained"]) if pretrained is None else pretrained
+    return build_model(cfg["arch"], num_classes=num_classes, stem=cfg["stem"], width=int(cfg["width"]),
+                       depth=int(cfg["depth"]), dropout=float(cfg["dropout"]), pretrained=use_weights,
+                       input_size=int(cfg["input_size"]))
+
+
 IMBALANCE = ("none", "weighted_loss", "balanced_sampler")
 
 
@@ -375,10 +385,7 @@ def build_run(config: dict, data: FERData, *, epochs: int, device: torch.device 
     device = device or pick_device()
     torch.manual_seed(seed)
     nc = data.num_classes
-    model = build_model(cfg["arch"], num_classes=nc, stem=cfg["stem"], width=int(cfg["width"]),
-                        depth=int(cfg["depth"]), dropout=float(cfg["dropout"]),
-                        pretrained=bool(cfg["pretrained"]), input_size=int(cfg["input_size"]))
-    model = model.to(device)
+    model = model_from_config(cfg, nc).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     train = to_device(data.train, nc, device, soft=bool(cfg["soft_labels"]))

@@ -118,6 +118,6 @@ def test_ctrl_c_exports_and_exits_130(tmp_path):
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130, out[-2000:] + err[-2000:]
-    assert "--resume" in err and "Traceback" not in err
+    assert f"--name c --results {tmp_path} --resume" in err and "Traceback" not in err
     df = pd.read_csv(exp / "trials.csv")
     assert len(df) >= 1 and df["status"].isin(["PENDING", "RUNNING", "PAUSED", "COMPLETED"]).all()

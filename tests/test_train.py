@@ -146,3 +146,23 @@ def test_suggest_lr_picks_steepest_descent():
     # Batch norm often lets the loss fall again after blowing up: never suggest past the minimum.
     blown = [2.0] * 20 + [1.9, 1.6, 1.2, 1.0] + [3.0, 5.0, 4.0, 2.0, 0.5, 0.6] + [1.0] * 20
     assert suggest_lr(lrs, blown) == lrs[21]
+
+
+def test_weighted_loss_matches_hard_label_semantics():
+    from trainables.train import _loss
+
+    torch.manual_seed(0)
+    logits, y = torch.randn(32, 7), torch.randint(0, 7, (32,))
+    w = torch.rand(7) + 0.5
+    onehot = torch.nn.functional.one_hot(y, 7).float()
+    expected = torch.nn.functional.cross_entropy(logits, y, weight=w)
+    assert _loss(logits, onehot, w, 0.0).item() == pytest.approx(expected.item(), rel=1e-5)
+    # Smoothing must not shift probability towards heavily weighted classes: the loss with
+    # a weight per class still prefers the true class over a rare, heavy one.
+    heavy = torch.ones(7)
+    heavy[1] = 16.0
+    happy = torch.zeros(1, 7)
+    happy[0, 3] = 1.0
+    right, wrong = torch.zeros(1, 7), torch.zeros(1, 7)
+    right[0, 3], wrong[0, 1] = 5.0, 5.0
+    assert _loss(right, happy, heavy, 0.15) < _loss(wrong, happy, heavy, 0.15)

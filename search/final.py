@@ -32,7 +32,7 @@ from trainables.data import SEARCH_SPLITS, SPLITS, FERData, duplicate_mask, load
 from trainables.errors import UserError
 from trainables.files import write_csv, write_text
 from trainables.metrics import SCALAR_METRICS, confused_pairs, ensemble_probs, misclassified, normalize_rows
-from trainables.report import plot_confusion, plot_mistakes
+from trainables.report import emotion_activations, plot_activations, plot_confusion, plot_kernels, plot_mistakes
 from trainables.train import DEFAULTS, METRIC, TTA_MODES, DivergedError, build_run, pick_device, predict, run_epoch
 
 FINAL_DIR = "final"
@@ -395,6 +395,21 @@ def write_error_analysis(out: Path, model: str, full: dict, data: FERData, ttas:
     write_csv(wrong, out / "misclassified.csv")
 
 
+def write_visualisations(out: Path, runs: Sequence[FinalRun], data: FERData) -> str:
+    """kernels.png and activations.png of the best single run by PublicTest; returns its name.
+
+    The activation maps are computed on PublicTest: a picture is not a choice, but there is
+    no reason to read PrivateTest for it either.
+    """
+    best = max(runs, key=lambda r: r.val_acc)
+    model, _ = load_weights(best.weights, device=pick_device())
+    plot_kernels(model, out / "kernels.png", title=f"first-layer kernels of {best.name}")
+    faces, maps = emotion_activations(model, data.val.x, data.val.y, data.num_classes)
+    plot_activations(faces, maps, data.classes, out / "activations.png",
+                     title=f"PublicTest mean face and mean activation per emotion, {best.name}")
+    return best.name
+
+
 def write_readme(out: Path, s: Settings, model: str, epochs: int, ttas: Sequence[str]) -> None:
     """final/README.md: what each file holds and which model the error analysis describes."""
     write_text(out / "README.md", f"""# Final stage of {s.name}
@@ -414,6 +429,9 @@ never read. TTA modes: {', '.join(ttas)} (reported separately, never mixed).
 - `confusion_matrix.csv` / `.png`, `confused_pairs.csv`, `misclassified.csv` / `.png`: error
   analysis of **{model}**, the model with the best PublicTest accuracy without TTA; the pairs
   and mistakes are without TTA. `row` is the 0-based data row of the source CSV (line row + 2).
+- `kernels.png`, `activations.png`: the first-layer kernels of the best single run, and per
+  emotion its mean PublicTest face with the mean activation map of its deepest convolution
+  that keeps a spatial grid (where the network looks).
 - `models/<config>-seed<k>.pt`: state_dict, config and classes (`torch.load(..., weights_only=True)`,
   or `python -m search.evaluate --model ... --data ...`), with the config as JSON beside it.
 - `tensorboard/<config>-seed<k>/`: per-epoch scalars of each run (`tensorboard --logdir {out}`).
@@ -464,6 +482,7 @@ def run_final(settings: Settings, trials_df: pd.DataFrame) -> Path:
     write_csv(per_class_table(full), out / "per_class.csv")
     analysed = choose_analysed(full, runs)
     write_error_analysis(out, analysed, full, data, ttas)
+    write_visualisations(out, runs, data)
     write_readme(out, s, analysed, epochs, ttas)
     print(f"\nPrivateTest ({len(data.test)} images, {int(rows[0]['n_duplicates'])} duplicated in Training), "
           f"{len(runs)} runs, {time.perf_counter() - start:.0f} s:")

@@ -98,14 +98,14 @@ def test_search_never_reads_private_test_but_final_does(experiment):
 # --------------------------------------------------------------------------- search.final end to end
 
 OUTPUTS = ["metrics.csv", "per_class.csv", "confusion_matrix.csv", "confusion_matrix.png", "confused_pairs.csv",
-           "misclassified.csv", "misclassified.png", "README.md"]
+           "misclassified.csv", "misclassified.png", "kernels.png", "activations.png", "README.md"]
 RUNS = ["seed39", "seed40"]  # --final-seeds 2 counts up from the experiment's --seed
 
 
 def test_final_writes_every_output(final_dir):
     for name in OUTPUTS:
         assert (final_dir / name).is_file() and (final_dir / name).stat().st_size > 0, name
-    for name in ("confusion_matrix.png", "misclassified.png"):
+    for name in ("confusion_matrix.png", "misclassified.png", "kernels.png", "activations.png"):
         assert (final_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     weights = sorted(p.name for p in (final_dir / "models").glob("*.pt"))
     assert len(weights) == 2 and [w.split("-")[-1] for w in weights] == [f"{s}.pt" for s in RUNS]

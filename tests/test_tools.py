@@ -74,3 +74,20 @@ def test_every_torch_load_is_weights_only():
              for line in path.read_text().splitlines() if "torch.load(" in line]
     assert len(calls) >= 3, "fewer torch.load calls than the project has: the pattern is stale"
     assert all("weights_only=True" in line for _, line in calls), calls
+
+
+@pytest.mark.parametrize("arch", ["convnet", "resnet18", "densenet121"])
+def test_kernels_and_activation_maps(tmp_path, arch, one_thread):
+    from trainables.models import build_model
+    from trainables.report import emotion_activations, plot_activations, plot_kernels
+
+    demo = make_demo(n_train=70, n_val=70)
+    model = build_model(arch, stem="stride").eval()
+    faces, maps = emotion_activations(model, demo.val.x, demo.val.y, 7, per_class=4)
+    assert faces.shape == maps.shape == (7, 48, 48)
+    assert (maps >= 0).all() and (maps.reshape(7, -1).max(1) > 0).all()
+    first = demo.val.x[demo.val.y == 0][:4].float().mean(0).numpy()
+    assert faces[0] == pytest.approx(first)
+    plot_kernels(model, tmp_path / "k.png")
+    plot_activations(faces, maps, demo.classes, tmp_path / "a.png")
+    assert (tmp_path / "k.png").stat().st_size > 1000 and (tmp_path / "a.png").stat().st_size > 1000

@@ -1,4 +1,4 @@
-"""Pictures of the final evaluation: confusion matrices and a grid of the worst mistakes.
+"""Pictures of the final evaluation: confusion matrices, the worst mistakes, kernels and activations.
 
 Figures are built on `matplotlib.figure.Figure` directly (the Agg canvas), never
 through `pyplot`, so nothing here changes a global backend or leaks open figures
@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from trainables.files import atomic_path
 from trainables.metrics import normalize_rows
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> None:
@@ -64,4 +67,96 @@ def plot_mistakes(images: np.ndarray, captions: Sequence[str], path: str | os.Pa
         axes[0, 0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
     if title:
         fig.suptitle(title, fontsize=9)
+    _save(fig, path)
+
+
+# --------------------------------------------------------------------------- what the network learned
+
+def plot_kernels(model: "torch.nn.Module", path: str | os.PathLike, *, title: str = "", most: int = 64) -> None:
+    """The first convolution's kernels (the model sees one gray channel), each a tile; red +, blue -."""
+    import torch.nn as nn
+
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    w = conv.weight.detach().float().cpu().numpy()[:most, 0]
+    columns = min(8, len(w))
+    rows = math.ceil(len(w) / columns)
+    fig = Figure(figsize=(1.0 * columns, 1.0 * rows + 0.5), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < len(w):
+            lim = float(np.abs(w[k]).max()) or 1.0
+            ax.imshow(w[k], cmap="RdBu_r", vmin=-lim, vmax=lim)
+    fig.suptitle(title or f"first-layer kernels ({conv.kernel_size[0]}x{conv.kernel_size[1]})", fontsize=9)
+    _save(fig, path)
+
+
+def _deepest_spatial_conv(model: "torch.nn.Module", x: "torch.Tensor", min_side: int = 6):
+    """The deepest Conv2d whose output is still at least `min_side` pixels wide: coarse enough to be
+    semantic, fine enough to show *where* on the face it fires."""
+    import torch
+    import torch.nn as nn
+
+    sizes: list[tuple[nn.Module, int]] = []
+    hooks = [m.register_forward_hook(lambda mod, _, out: sizes.append((mod, out.shape[-1])))
+             for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    wide = [mod for mod, side in sizes if side >= min_side]
+    return wide[-1] if wide else sizes[0][0]
+
+
+def emotion_activations(model: "torch.nn.Module", x_uint8: "torch.Tensor", y: "torch.Tensor", num_classes: int,
+                        *, per_class: int = 200, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Per emotion: the mean face and the mean activation map (channel-mean |activation| of the deepest
+    conv that keeps a spatial grid, upsampled to 48x48), over up to `per_class` images of that emotion."""
+    import torch
+    import torch.nn.functional as F
+
+    from trainables.augment import normalize, to_input
+
+    model.eval()
+    device = next(model.parameters()).device
+    layer = _deepest_spatial_conv(model, normalize(to_input(x_uint8[:2].to(device))))
+    faces = np.zeros((num_classes, *x_uint8.shape[-2:]), dtype=np.float32)
+    maps = np.zeros_like(faces)
+    for c in range(num_classes):
+        idx = torch.nonzero(y == c).flatten()[:per_class]
+        if not len(idx):
+            continue
+        faces[c] = x_uint8[idx].float().mean(0).numpy()
+        total = torch.zeros(x_uint8.shape[-2:])
+        for i in range(0, len(idx), batch):
+            grabbed = []
+            hook = layer.register_forward_hook(lambda mod, _, out: grabbed.append(out.detach()))
+            try:
+                with torch.no_grad():
+                    model(normalize(to_input(x_uint8[idx[i:i + batch]].to(device))))
+            finally:
+                hook.remove()
+            act = grabbed[0].float().abs().mean(1, keepdim=True)
+            total += F.interpolate(act, size=x_uint8.shape[-2:], mode="bilinear").sum(0)[0].cpu()
+        maps[c] = (total / len(idx)).numpy()
+    return faces, maps
+
+
+def plot_activations(faces: np.ndarray, maps: np.ndarray, class_names: Sequence[str],
+                     path: str | os.PathLike, *, title: str = "") -> None:
+    """Per emotion: its mean face, and where the network fires on it (the activation map over the face)."""
+    n = len(class_names)
+    fig = Figure(figsize=(1.6 * n, 3.6), layout="constrained")
+    axes = fig.subplots(2, n, squeeze=False)
+    top = float(maps.max()) or 1.0
+    for c, name in enumerate(class_names):
+        axes[0, c].imshow(faces[c], cmap="gray", vmin=0, vmax=255)
+        axes[0, c].set_title(name, fontsize=8)
+        axes[1, c].imshow(faces[c], cmap="gray", vmin=0, vmax=255)
+        axes[1, c].imshow(maps[c], cmap="inferno", alpha=0.6, vmin=0, vmax=top)
+        for ax in axes[:, c]:
+            ax.axis("off")
+    fig.suptitle(title or "mean face and mean activation per emotion", fontsize=9)
     _save(fig, path)

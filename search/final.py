@@ -406,7 +406,7 @@ def write_visualisations(out: Path, runs: Sequence[FinalRun], data: FERData) -> 
     plot_kernels(model, out / "kernels.png", title=f"first-layer kernels of {best.name}")
     faces, maps = emotion_activations(model, data.val.x, data.val.y, data.num_classes)
     plot_activations(faces, maps, data.classes, out / "activations.png",
-                     title=f"PublicTest mean face and mean activation per emotion, {best.name}")
+                     title=f"PublicTest mean face and activation relative to the average emotion, {best.name}")
     return best.name
 
 
@@ -430,8 +430,8 @@ never read. TTA modes: {', '.join(ttas)} (reported separately, never mixed).
   analysis of **{model}**, the model with the best PublicTest accuracy without TTA; the pairs
   and mistakes are without TTA. `row` is the 0-based data row of the source CSV (line row + 2).
 - `kernels.png`, `activations.png`: the first-layer kernels of the best single run, and per
-  emotion its mean PublicTest face with the mean activation map of its deepest convolution
-  that keeps a spatial grid (where the network looks).
+  emotion its mean PublicTest face with where its deepest convolution that keeps a spatial grid
+  fires more (red) or less (blue) than on the average emotion.
 - `models/<config>-seed<k>.pt`: state_dict, config and classes (`torch.load(..., weights_only=True)`,
   or `python -m search.evaluate --model ... --data ...`), with the config as JSON beside it.
 - `tensorboard/<config>-seed<k>/`: per-epoch scalars of each run (`tensorboard --logdir {out}`).

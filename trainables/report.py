@@ -146,17 +146,20 @@ def emotion_activations(model: "torch.nn.Module", x_uint8: "torch.Tensor", y: "t
 
 def plot_activations(faces: np.ndarray, maps: np.ndarray, class_names: Sequence[str],
                      path: str | os.PathLike, *, title: str = "") -> None:
-    """Per emotion: its mean face, and where the network fires on it (the activation map over the face)."""
+    """Per emotion: its mean face, and where the network fires on it more (red) or less (blue) than
+    on the average emotion. The difference is shown because the raw maps are dominated by what
+    every face shares (eyes, mouth, the face outline)."""
     n = len(class_names)
     fig = Figure(figsize=(1.6 * n, 3.6), layout="constrained")
     axes = fig.subplots(2, n, squeeze=False)
-    top = float(maps.max()) or 1.0
+    diff = maps - maps.mean(0, keepdims=True)
+    lim = float(np.abs(diff).max()) or 1.0
     for c, name in enumerate(class_names):
         axes[0, c].imshow(faces[c], cmap="gray", vmin=0, vmax=255)
         axes[0, c].set_title(name, fontsize=8)
         axes[1, c].imshow(faces[c], cmap="gray", vmin=0, vmax=255)
-        axes[1, c].imshow(maps[c], cmap="inferno", alpha=0.6, vmin=0, vmax=top)
+        axes[1, c].imshow(diff[c], cmap="RdBu_r", alpha=0.65, vmin=-lim, vmax=lim)
         for ax in axes[:, c]:
             ax.axis("off")
-    fig.suptitle(title or "mean face and mean activation per emotion", fontsize=9)
+    fig.suptitle(title or "mean face, and activation relative to the average emotion", fontsize=9)
     _save(fig, path)

@@ -36,7 +36,9 @@ def _trained_epochs(trial_dir: Path) -> set[tuple]:
 
 
 def _study_trials(exp: Path):
-    newest = max(glob.glob(str(exp / "tune" / "searcher-state-*.pkl")), key=os.path.getmtime)
+    # One file per driver session, named by its start time: the last name is the latest session
+    # (mtimes are useless: Ray rewrites every file of the folder when it syncs the experiment).
+    newest = max(glob.glob(str(exp / "tune" / "searcher-state-*.pkl")))
     with open(newest, "rb") as f:
         state = pickle.load(f)
     return state["_ot_study"].trials

@@ -416,9 +416,12 @@ def build_run(config: dict, data: FERData, *, epochs: int, device: torch.device 
     lr, found = float(cfg["lr"]), None
     if cfg["lr_mode"] == "range_test" and state is None:
         from trainables.lr_find import lr_range_test  # only needed for this mode
+        # 100 steps, but no more than about one epoch of this data set: on a small set
+        # (a demo, a tiny --train-fraction) the test must not cost more than the training.
+        steps = int(min(100, max(30, len(train) // int(cfg["batch_size"]))))
         found = lr_range_test(model, train, optimizer=cfg["optimizer"], batch_size=int(cfg["batch_size"]),
                               weight_decay=float(cfg["weight_decay"]), momentum=float(cfg["momentum"]),
-                              augment=augment, device=device, generator=generator)
+                              augment=augment, device=device, generator=generator, steps=steps)
         lr = found["suggested_lr"]
     elif cfg["lr_mode"] not in ("searched", "range_test"):
         raise UserError(f"unknown lr_mode '{cfg['lr_mode']}'; choose from ['range_test', 'searched']")

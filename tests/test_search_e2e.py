@@ -59,13 +59,13 @@ def test_every_trial_is_in_tensorboard(demo_experiment):
 
 
 def test_search_on_real_fer2013(tmp_path, real_fer_csv):
-    # Seed 32: TPE's first draw is Adam at 5e-4 without augmentation, a config that must learn.
-    r = run_cli("search.run", "--space", "convnet", "--data", str(real_fer_csv), "--train-fraction", "0.1",
-                "--num-samples", "2", "--max-epochs", "2", "--scheduler", "fifo", "--seed", "32",
+    # Seed 77: TPE's first draws are small ConvNets (Adam at 2.7e-3; AdamW with mixup) that learn fast.
+    r = run_cli("search.run", "--space", "convnet", "--data", str(real_fer_csv), "--train-fraction", "0.2",
+                "--num-samples", "2", "--max-epochs", "2", "--scheduler", "fifo", "--seed", "77",
                 "--results", str(tmp_path), "--name", "real", "--no-final")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     df = pd.read_csv(tmp_path / "real" / "trials.csv")
     assert len(df) == 2 and df["val_acc"].between(0, 1).all()
     assert df["val_acc"].max() > 0.30  # PublicTest's majority class (happy) is 24.9%
     n_train = int(re.search(r"(\d+) training images, 3589 PublicTest images", r.stdout).group(1))
-    assert abs(n_train - 2871) <= 4  # a stratified 10% of Training's 28,709
+    assert abs(n_train - 5742) <= 4  # a stratified 20% of Training's 28,709

@@ -132,9 +132,14 @@ def write_scalars(tensorboard_dir: str | Path, history: Sequence[dict]) -> None:
 
     with SummaryWriter(str(tensorboard_dir)) as writer:
         for metrics in history:
-            for key, value in metrics.items():
-                if key != "epoch":
-                    writer.add_scalar(key, value, int(metrics["epoch"]))
+            _add_scalars(writer, metrics)
+
+
+def _add_scalars(writer, metrics: dict) -> None:
+    """One epoch's metrics as TensorBoard scalars, at that epoch."""
+    for key, value in metrics.items():
+        if key != "epoch":
+            writer.add_scalar(key, value, int(metrics["epoch"]))
 
 
 def _open_writer(tensorboard_dir: str | None):
@@ -173,9 +178,7 @@ def retrain(config: dict, data: FERData, *, epochs: int, seed: int, threads: int
                 break
             history.append(metrics)
             if writer:
-                for key, value in metrics.items():
-                    if key != "epoch":
-                        writer.add_scalar(key, value, run.epoch)
+                _add_scalars(writer, metrics)
                 writer.flush()
             # Strictly better only: on a tie the earlier (less trained) epoch is kept.
             if best["state_dict"] is None or metrics["val_acc"] > best["val_acc"]:

@@ -11,16 +11,9 @@ from trainables.files import write_csv
 
 TUNE_DIR = "tune"  # Ray's storage for an experiment: results/<name>/tune/
 
-# What each status in trials.csv means (the README repeats this table).
-STATUSES = {
-    "COMPLETED": "ran all --max-epochs epochs",
-    "STOPPED": "stopped early by ASHA or the time budget; its best epoch still counts",
-    "DIVERGED": "its loss became NaN or infinite; stopped at once",
-    "ERROR": "raised an exception on every retry; the message is in the error column",
-    "PENDING": "not started (the search was interrupted; --resume runs it)",
-    "RUNNING": "unfinished (the search was interrupted; --resume continues it from its last checkpoint)",
-    "PAUSED": "paused by the scheduler when the search was interrupted; --resume continues it",
-}
+# Ray's statuses of trials an interrupted search left unfinished (--resume continues them). The
+# finished ones become COMPLETED, STOPPED, DIVERGED or ERROR; the README explains each.
+UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
 _LEADING = ["trial_id", "status", "val_acc", "epochs", "seconds", "node_id", "val_loss", "train_loss",
             "train_acc", "images_per_s", "found_lr", "error"]
 

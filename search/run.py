@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 
 from search.cli import run_cli
-from search.export import TUNE_DIR, export_trials
+from search.export import TUNE_DIR, UNFINISHED, export_trials
 from search.settings import Settings, parse_settings
 from spaces import archs_of, get_space
 from trainables.data import SEARCH_SPLITS, FERData, load_fer2013, stratified_fraction
@@ -175,12 +175,6 @@ def run_search(s: Settings) -> int:
     if s.resume:
         check_resume_settings(s)
     data = load_search_data(s)
-    if s.gpus_per_trial > 0 and not s.address:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError(f"--gpus-per-trial {s.gpus_per_trial} but this machine has no GPU; "
-                            f"use --gpus-per-trial 0")
     pretrained = False if s.resume else resolve_pretrained(s)  # a resumed search keeps its space
     cluster = start_ray(s)
     tuner = build_tuner(s, data, exp, cluster, pretrained=pretrained)
@@ -207,7 +201,7 @@ def run_search(s: Settings) -> int:
 
 def _interrupted(df, s: Settings, elapsed: float) -> bool:
     """Whether Ctrl-C stopped the search: trials left unfinished without the time budget running out."""
-    unfinished = df["status"].isin(["PENDING", "RUNNING", "PAUSED"]).any() or len(df) < s.num_samples
+    unfinished = df["status"].isin(UNFINISHED).any() or len(df) < s.num_samples
     return bool(unfinished) and not (s.time_budget and elapsed >= s.time_budget)
 
 

@@ -23,11 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from augment_bench import bench_augment  # noqa: E402
+
 from trainables.augment import build_augment, normalize, to_input  # noqa: E402
 from trainables.data import load_fer2013, stratified_fraction  # noqa: E402
+from trainables.device import pick_device, to_device  # noqa: E402
 from trainables.files import write_csv  # noqa: E402
 from trainables.models import build_model  # noqa: E402
-from trainables.train import Schedule, build_optimizer, pick_device, to_device, train_one_epoch  # noqa: E402
+from trainables.optim import Schedule, build_optimizer  # noqa: E402
+from trainables.train import train_one_epoch  # noqa: E402
 
 
 def bare_loop(model, x: torch.Tensor, y: torch.Tensor, batch: int, device) -> float:

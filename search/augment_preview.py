@@ -17,15 +17,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from search.cli import run_cli
-from search.settings import _Parser
+from search.cli import Parser, run_cli
 from trainables.augment import POLICIES, build_augment, to_input
 from trainables.data import load_fer2013
 from trainables.errors import UserError
 
 
-def build_parser() -> _Parser:
-    p = _Parser(prog="python -m search.augment_preview", description="Write a PNG grid of augmented FER images.")
+def build_parser() -> Parser:
+    p = Parser(prog="python -m search.augment_preview", description="Write a PNG grid of augmented FER images.")
     p.add_argument("--policy", required=True, help=f"augmentation policy: one of {sorted(POLICIES)}")
     p.add_argument("--magnitude", type=float, default=0.5, help="policy strength in [0, 1] (default 0.5)")
     p.add_argument("--mix-alpha", type=float, default=1.0, help="Beta(alpha, alpha) of mixup/cutmix (default 1)")

@@ -8,94 +8,23 @@ for. Besides `search.final`, this is the only command that may read PrivateTest.
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
-from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
 
-from search.cli import run_cli
-from search.settings import _Parser
-from trainables.data import SPLITS, FERData, Split, duplicate_mask, load_fer2013
+from search.cli import Parser, run_cli
+from search.scoring import score_split
+from trainables.data import SPLITS, FERData, duplicate_mask, load_fer2013
+from trainables.device import pick_device
 from trainables.errors import UserError
-from trainables.files import atomic_path, write_text
-from trainables.metrics import SCALAR_METRICS, classification_metrics, confused_pairs, masked_accuracy
-from trainables.train import TTA_MODES, model_from_config, pick_device, predict, resolve_config
-
-WEIGHTS_KEYS = ("state_dict", "config", "classes", "num_classes")
-
-
-# --------------------------------------------------------------------------- weights files
-
-def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], *, config: dict,
-                 classes: Sequence[str], info: dict | None = None) -> Path:
-    """Write `<path>.pt` (state_dict, config, classes; loadable with weights_only=True) and `<path>.json`.
-
-    `info` (seed, best epoch, PublicTest accuracy, history...) goes into both files;
-    it must hold only JSON values. Returns the `.pt` path.
-    """
-    path = Path(path).with_suffix(".pt")
-    meta = {"config": resolve_config(config), "classes": list(classes), "num_classes": len(classes),
-            **(info or {})}
-    with atomic_path(path) as tmp:
-        torch.save({"state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}, **meta}, tmp)
-    write_text(path.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True, default=float) + "\n")
-    return path
-
-
-def read_weights(path: str | os.PathLike) -> dict:
-    """Read a weights file safely (weights_only=True); any unreadable or foreign file is a UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"weights file {path} does not exist; pass a .pt file from results/<name>/final/models/")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types here (pickle, zip, runtime): all mean "not our file"
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot read {path} as weights saved by search.final ({reason})") from None
-    missing = [k for k in WEIGHTS_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise UserError(f"{path} is not a weights file from search.final (missing {', '.join(missing)})")
-    return ckpt
-
-
-def model_from_weights(ckpt: dict, *, device: torch.device | None = None, source: str = "weights") -> nn.Module:
-    """Rebuild the model of a weights dict and load its state_dict (ImageNet files are never needed)."""
-    cfg = resolve_config(ckpt["config"])
-    model = model_from_config(cfg, int(ckpt["num_classes"]), pretrained=False)
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0][:160]
-        raise UserError(f"{source}: the state_dict does not fit a {cfg['arch']} built from its config ({first})") \
-            from None
-    return model.to(device or torch.device("cpu")).eval()
-
-
-def load_weights(path: str | os.PathLike, *, device: torch.device | None = None) -> tuple[nn.Module, dict]:
-    """Load a weights file: the model in eval mode on `device`, and the file's metadata (no state_dict)."""
-    ckpt = read_weights(path)
-    model = model_from_weights(ckpt, device=device, source=str(path))
-    return model, {k: v for k, v in ckpt.items() if k != "state_dict"}
-
+from trainables.inference import TTA_MODES, predict
+from trainables.metrics import SCALAR_METRICS, confused_pairs
+from trainables.weights import load_weights
 
 # --------------------------------------------------------------------------- evaluation
-
-def score_split(probs: np.ndarray, split: Split, *, beta: float, class_names: Sequence[str],
-                duplicates: np.ndarray | None = None) -> dict:
-    """`classification_metrics` of `probs` on `split`, plus accuracy without the duplicates of Training."""
-    y = split.y.numpy()
-    m = classification_metrics(y, probs, beta=beta, class_names=class_names)
-    if duplicates is not None:
-        m["n_duplicates"] = int(duplicates.sum())
-        m["accuracy_dedup"] = masked_accuracy(y, probs, ~duplicates)
-    return m
-
 
 def load_eval_data(path: str, split: str, *, labels: str, ferplus: str | None, seed: int = 0) -> FERData:
     """The split to evaluate, and Training too (to find the test images duplicated in it).
@@ -142,10 +71,10 @@ def print_report(table: pd.DataFrame, full: dict[str, dict], classes: Sequence[s
         print(format_metrics(confused_pairs(m["confusion"], classes).head(5)))
 
 
-def build_parser() -> _Parser:
+def build_parser() -> Parser:
     """The `python -m search.evaluate` command line."""
-    p = _Parser(prog="python -m search.evaluate",
-                description="Evaluate weights saved by the final stage on a FER2013 split and print its metrics.")
+    p = Parser(prog="python -m search.evaluate",
+               description="Evaluate weights saved by the final stage on a FER2013 split and print its metrics.")
     p.add_argument("--model", required=True, help="weights file, e.g. results/<name>/final/models/<run>.pt")
     p.add_argument("--data", required=True, help="fer2013.csv, a Kaggle image folder, or 'demo'")
     p.add_argument("--split", default="PrivateTest", choices=list(SPLITS),

@@ -1,8 +1,9 @@
-"""Read a Ray Tune experiment folder back and write `trials.csv` (one row per trial)."""
+"""Read a Ray Tune experiment folder back as `TrialRecord`s and write `trials.csv` (one row per trial)."""
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -49,36 +50,62 @@ def _error_text(trial) -> str:
     return lines[-1][:500] if lines else "failed"
 
 
-def load_trials(experiment_dir: Path, max_epochs: int) -> pd.DataFrame:
-    """One row per trial of the experiment under `experiment_dir`, best PublicTest accuracy first."""
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as the search left it: its outcome, its last reported figures, and Tune's own config dict."""
+
+    trial_id: str
+    status: str
+    val_acc: float          # the best PublicTest accuracy it reported
+    epochs: int
+    seconds: float
+    node_id: str
+    val_loss: float
+    train_loss: float
+    train_acc: float
+    images_per_s: float
+    found_lr: float
+    error: str
+    config: dict = field(default_factory=dict)
+
+
+def load_trials(experiment_dir: Path, max_epochs: int) -> list[TrialRecord]:
+    """Every trial of the experiment under `experiment_dir`, best PublicTest accuracy first (NaN last)."""
     from ray.tune import ExperimentAnalysis  # Ray only where the experiment is read
 
     tune_dir = Path(experiment_dir) / TUNE_DIR
     if not (tune_dir.exists() and any(tune_dir.glob("experiment_state-*.json"))):
-        return pd.DataFrame(columns=_LEADING)
+        return []
     analysis = ExperimentAnalysis(str(tune_dir.resolve()))
-    rows = []
+    records = []
     for trial in analysis.trials:
         results = _read_results(Path(trial.path)) if trial.path else []
         last = results[-1] if results else {}
         epochs = max((r.get("epoch", 0) for r in results if not r.get("diverged")), default=0)
         best = max((r.get("val_acc", math.nan) for r in results), default=math.nan)
-        row = {
-            "trial_id": trial.trial_id, "status": _status(trial.status, last, epochs, max_epochs),
-            "val_acc": best, "epochs": epochs, "seconds": last.get("seconds", math.nan),
-            "node_id": last.get("node_id", ""), "val_loss": last.get("val_loss", math.nan),
-            "train_loss": last.get("train_loss", math.nan), "train_acc": last.get("train_acc", math.nan),
-            "images_per_s": last.get("images_per_s", math.nan), "found_lr": last.get("found_lr", math.nan),
-            "error": _error_text(trial) if trial.status == "ERROR" else last.get("error", ""),
-        }
-        row.update({f"config/{k}": v for k, v in sorted(trial.config.items())})
+        records.append(TrialRecord(
+            trial_id=trial.trial_id, status=_status(trial.status, last, epochs, max_epochs),
+            val_acc=best, epochs=epochs, seconds=last.get("seconds", math.nan),
+            node_id=last.get("node_id", ""), val_loss=last.get("val_loss", math.nan),
+            train_loss=last.get("train_loss", math.nan), train_acc=last.get("train_acc", math.nan),
+            images_per_s=last.get("images_per_s", math.nan), found_lr=last.get("found_lr", math.nan),
+            error=_error_text(trial) if trial.status == "ERROR" else last.get("error", ""),
+            config=dict(trial.config)))
+    return sorted(records, key=lambda r: -r.val_acc if math.isfinite(r.val_acc) else math.inf)
+
+
+def trials_table(records: list[TrialRecord]) -> pd.DataFrame:
+    """trials.csv: the leading columns, then one `config/<key>` column per hyperparameter any trial set."""
+    rows = []
+    for r in records:
+        row = {k: getattr(r, k) for k in _LEADING}
+        row.update({f"config/{k}": v for k, v in sorted(r.config.items())})
         rows.append(row)
-    df = pd.DataFrame(rows, columns=_LEADING + sorted({k for r in rows for k in r} - set(_LEADING)))
-    return df.sort_values("val_acc", ascending=False, na_position="last").reset_index(drop=True)
+    return pd.DataFrame(rows, columns=_LEADING + sorted({k for r in rows for k in r} - set(_LEADING)))
 
 
-def export_trials(experiment_dir: Path, max_epochs: int) -> pd.DataFrame:
-    """Write `<experiment_dir>/trials.csv` atomically and return its table."""
-    df = load_trials(experiment_dir, max_epochs)
-    write_csv(df, Path(experiment_dir) / "trials.csv")
-    return df
+def export_trials(experiment_dir: Path, max_epochs: int) -> list[TrialRecord]:
+    """Write `<experiment_dir>/trials.csv` atomically and return the trials it holds."""
+    records = load_trials(experiment_dir, max_epochs)
+    write_csv(trials_table(records), Path(experiment_dir) / "trials.csv")
+    return records

@@ -15,19 +15,19 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from search.cli import run_cli
-from search.settings import _Parser
+from search.cli import Parser, run_cli
 from trainables.augment import POLICIES, build_augment
 from trainables.data import load_fer2013, stratified_fraction
+from trainables.device import pick_device, to_device
 from trainables.errors import UserError
 from trainables.files import write_csv
 from trainables.lr_find import lr_range_test, plot_curve
 from trainables.models import MODELS, build_model
-from trainables.train import OPTIMIZERS, pick_device, to_device
+from trainables.optim import OPTIMIZERS
 
 
-def build_parser() -> _Parser:
-    p = _Parser(prog="python -m search.lr_find", description="LR range test (Smith 2017) for one model.")
+def build_parser() -> Parser:
+    p = Parser(prog="python -m search.lr_find", description="LR range test (Smith 2017) for one model.")
     p.add_argument("--arch", required=True, help=f"model: one of {sorted(MODELS)}")
     p.add_argument("--data", default=os.environ.get("FER2013_PATH", "data/fer2013.csv"),
                    help="fer2013.csv, a Kaggle image folder, or 'demo' (default $FER2013_PATH, else data/fer2013.csv)")

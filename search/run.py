@@ -14,18 +14,18 @@ from functools import partial
 from pathlib import Path
 
 from search.cli import run_cli
-from search.export import TUNE_DIR, UNFINISHED, export_trials
+from search.cluster import start_ray, trial_resources
+from search.export import TUNE_DIR, UNFINISHED, TrialRecord, export_trials, trials_table
+from search.final import run_final
 from search.settings import Settings, parse_settings
 from spaces import archs_of, get_space
 from trainables.data import SEARCH_SPLITS, FERData, load_fer2013, stratified_fraction
 from trainables.errors import UserError
 from trainables.files import write_text
-from trainables.train import METRIC, MODE
+from trainables.metrics import METRIC, MODE
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Each epoch checkpoints; Ray warns about frequent experiment snapshots, which is expected here.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-_FAULT_ENV = ("FER_INJECT_FAILURE", "FER_INJECT_NAN")
 
 
 def load_search_data(s: Settings) -> FERData:
@@ -68,8 +68,11 @@ def check_resume_settings(s: Settings) -> None:
                         f"{', '.join(changed)}")
 
 
-def resolve_pretrained(s: Settings) -> bool:
-    """Whether ImageNet weights are a search dimension: `search` needs every file, `auto` uses them if present."""
+def offers_weights(s: Settings) -> bool:
+    """Whether ImageNet weights are a search dimension: `search` needs every file, `auto` uses them if present.
+
+    All or nothing across the space's architectures: one missing file leaves the dimension out.
+    """
     archs = [a for a in archs_of(s.space) if a != "convnet"]
     if s.pretrained == "off" or not archs:
         return False
@@ -84,44 +87,7 @@ def resolve_pretrained(s: Settings) -> bool:
     return not missing
 
 
-def start_ray(s: Settings) -> dict:
-    """Join the cluster at --address, or start a local Ray instance (dashboard off); returns its resources."""
-    import ray
-
-    env = {k: os.environ[k] for k in _FAULT_ENV if k in os.environ}
-    if s.address:
-        # Ship this checkout to the cluster so every node runs the driver's code.
-        runtime_env = {"working_dir": str(PROJECT_ROOT), "env_vars": env,
-                       "excludes": ["results/", ".venv/", ".git/", "data/", "*.cache/"]}
-        try:
-            ray.init(address=s.address, runtime_env=runtime_env, logging_level="warning")
-        except ConnectionError as err:
-            raise UserError(f"cannot reach the Ray cluster at {s.address}: {err}") from None
-    else:
-        ray.init(include_dashboard=False, runtime_env={"env_vars": env} if env else None,
-                 logging_level="warning", log_to_driver=True)
-    return ray.cluster_resources()
-
-
-def trial_resources(s: Settings, cluster: dict) -> tuple[dict, int]:
-    """Resources of one trial and how many trials run at once."""
-    gpus = s.gpus_per_trial
-    if gpus < 0:
-        gpus = 0.5 if cluster.get("GPU", 0) else 0.0
-    if not s.address:  # a cluster's autoscaler may still add nodes; a local machine will not grow
-        if gpus > 0 and not cluster.get("GPU", 0):
-            raise UserError(f"--gpus-per-trial {gpus} but this machine has no GPU; use --gpus-per-trial 0")
-        if s.cpus_per_trial > cluster.get("CPU", 1):
-            raise UserError(f"--cpus-per-trial {s.cpus_per_trial} but this machine has "
-                            f"{int(cluster.get('CPU', 1))} CPUs")
-    fits = max(1, int(cluster.get("CPU", 1) // s.cpus_per_trial))
-    if gpus and cluster.get("GPU", 0):
-        fits = min(fits, max(1, int(cluster["GPU"] // gpus)))
-    concurrent = s.max_concurrent or max(1, min(fits, s.num_samples))
-    return {"cpu": s.cpus_per_trial, "gpu": gpus}, concurrent
-
-
-def build_tuner(s: Settings, data: FERData, exp: Path, cluster: dict, *, pretrained: bool = False):
+def build_tuner(s: Settings, data: FERData, exp: Path, cluster: dict, *, offer_weights: bool = False):
     """The Tuner: OptunaSearch (TPE or random, seeded) + ASHA or FIFO, or the restored one with --resume."""
     import optuna
     from ray import tune
@@ -140,7 +106,7 @@ def build_tuner(s: Settings, data: FERData, exp: Path, cluster: dict, *, pretrai
         # Finished trials (errored ones included) stay as they are; unfinished ones continue.
         return tune.Tuner.restore(str(Path(storage) / TUNE_DIR), trainable, resume_unfinished=True,
                                   resume_errored=False)
-    space = partial(get_space(s.space), ferplus=s.labels == "ferplus", pretrained=pretrained)
+    space = partial(get_space(s.space), ferplus=s.labels == "ferplus", offer_weights=offer_weights)
     sampler = (optuna.samplers.TPESampler(seed=s.seed) if s.searcher == "optuna"
                else optuna.samplers.RandomSampler(seed=s.seed))
     searcher = ConcurrencyLimiter(OptunaSearch(space=space, metric=METRIC, mode=MODE, sampler=sampler, seed=s.seed),
@@ -175,9 +141,9 @@ def run_search(s: Settings) -> int:
     if s.resume:
         check_resume_settings(s)
     data = load_search_data(s)
-    pretrained = False if s.resume else resolve_pretrained(s)  # a resumed search keeps its space
+    offer_weights = False if s.resume else offers_weights(s)  # a resumed search keeps its space
     cluster = start_ray(s)
-    tuner = build_tuner(s, data, exp, cluster, pretrained=pretrained)
+    tuner = build_tuner(s, data, exp, cluster, offer_weights=offer_weights)
     write_text(exp / "settings.json", s.to_json())
     print(f"experiment {exp}: space {s.space}, {len(data.train)} training images, "
           f"{len(data.val)} PublicTest images, {s.num_samples} trials")
@@ -186,22 +152,20 @@ def run_search(s: Settings) -> int:
         tuner.fit()
     except KeyboardInterrupt:  # a second Ctrl-C: Ray stops at once
         pass
-    df = export_trials(exp, s.max_epochs)
-    print_summary(df, exp)
-    if _interrupted(df, s, time.monotonic() - started):
+    trials = export_trials(exp, s.max_epochs)
+    print_summary(trials_table(trials), exp)
+    if _interrupted(trials, s, time.monotonic() - started):
         print(f"\nThe search was interrupted; finished trials are in {exp / 'trials.csv'}. To continue it, "
               f"run the same command with --name {s.name} --results {s.results} --resume", file=sys.stderr)
         return 130
     if s.final:
-        from search.final import run_final
-
-        run_final(s, df)
+        run_final(s, trials)
     return 0
 
 
-def _interrupted(df, s: Settings, elapsed: float) -> bool:
+def _interrupted(trials: list[TrialRecord], s: Settings, elapsed: float) -> bool:
     """Whether Ctrl-C stopped the search: trials left unfinished without the time budget running out."""
-    unfinished = df["status"].isin(UNFINISHED).any() or len(df) < s.num_samples
+    unfinished = any(t.status in UNFINISHED for t in trials) or len(trials) < s.num_samples
     return bool(unfinished) and not (s.time_budget and elapsed >= s.time_budget)
 
 

@@ -1,7 +1,9 @@
 """Command-line flags -> one frozen `Settings` object (the fixed experiment settings).
 
-Searched hyperparameters live only in `spaces`; everything here is fixed for an
-experiment and written to `results/<name>/settings.json`.
+Each flag is declared once, as a field of `Settings`: its default, its help text and its
+choices live in the field, and `add_flags` turns fields into argparse options whose
+destinations are the field names. Searched hyperparameters live only in `spaces`;
+everything here is fixed for an experiment and written to `results/<name>/settings.json`.
 """
 from __future__ import annotations
 
@@ -9,47 +11,76 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
+from search.cli import Parser
 from spaces import SPACES
+from trainables.data import LABEL_SETS
 from trainables.errors import UserError
+from trainables.inference import TTA_MODES
+
+SEARCHERS = ("optuna", "random")
+SCHEDULERS = ("asha", "fifo")
+PRETRAINED_MODES = ("auto", "search", "off")
+DATA_ENV = "FER2013_PATH"  # where --data comes from when it is not given
+
+
+def _flag(default: Any, help: str, *, choices: Sequence[str] | None = None, what: str = "",
+          default_text: str | None = None, **argparse_kwargs: Any):
+    """A `Settings` field that is also a command-line flag.
+
+    `choices` (from a registry) are checked with a one-line "unknown <what> 'x'; choose from
+    [...]" error; `default_text` replaces the printed default where the value is a placeholder.
+    """
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "what": what or "value",
+            "default_text": default_text, "argparse": argparse_kwargs}
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class Settings:
-    """The resolved, fixed settings of one experiment."""
+    """The resolved, fixed settings of one experiment; each field is the flag `--<field-name>`."""
 
-    space: str = "convnet"
-    data: str = "data/fer2013.csv"
-    name: str = ""
-    results: str = "results"
-    num_samples: int = 32
-    max_epochs: int = 30
-    grace_epochs: int = 2
-    train_fraction: float = 1.0
-    searcher: str = "optuna"
-    scheduler: str = "asha"
-    max_concurrent: int = 0           # 0: as many as the resources allow
-    cpus_per_trial: int = 1
-    gpus_per_trial: float = -1.0      # -1: 0.5 when the cluster has GPUs, else 0
-    time_budget: float = 0.0          # 0: no limit
-    seed: int = 0
-    address: str = ""
-    labels: str = "fer2013"
-    ferplus: str = ""                 # FER+ votes file; default fer2013new.csv beside the data
-    pretrained: str = "auto"
-    resume: bool = False
-    max_failures: int = 1
-    final: bool = True
-    final_top_k: int = 3
-    final_epochs: int = 0             # 0: same as max_epochs
-    final_seeds: int = 3
-    beta: float = 1.0
-    final_tta: tuple[str, ...] = ("none", "flip")
+    space: str = _flag("convnet", "search space", choices=sorted(SPACES), what="space", required=True)
+    data: str = _flag("data/fer2013.csv", "fer2013.csv, a Kaggle image folder, or 'demo'", metavar="PATH",
+                      default_text=f"${DATA_ENV}, else data/fer2013.csv")
+    name: str = _flag("", "experiment name", default_text="<space>-<timestamp>")
+    results: str = _flag("results", "results folder", metavar="DIR")
+    num_samples: int = _flag(32, "number of trials")
+    max_epochs: int = _flag(30, "epochs per trial, ASHA's max_t")
+    grace_epochs: int = _flag(2, "ASHA grace period in epochs (rungs at grace x 3^k)")
+    train_fraction: float = _flag(1.0, "stratified, seeded share of Training used by trials")
+    searcher: str = _flag("optuna", "optuna: TPE, seeded; random: Optuna's random sampler", choices=SEARCHERS,
+                          what="searcher")
+    scheduler: str = _flag("asha", "asha: stop weak trials early; fifo: run every trial to the end",
+                           choices=SCHEDULERS, what="scheduler")
+    max_concurrent: int = _flag(0, "trials at once", default_text="what the resources allow")
+    cpus_per_trial: int = _flag(1, "CPU cores per trial (and per final run)")
+    gpus_per_trial: float = _flag(-1.0, "GPUs per trial (and per final run); fractions share a GPU",
+                                  default_text="0.5 where the cluster has GPUs, else 0")
+    time_budget: float = _flag(0.0, "seconds after which the search stops starting and continuing trials",
+                               default_text="no limit")
+    seed: int = _flag(0, "seed of the searcher, the data slices and the trials")
+    address: str = _flag("", "address of a running Ray cluster", default_text="a local Ray instance")
+    labels: str = _flag("fer2013", "fer2013: the original 7 labels; ferplus: FER+ votes, 8 classes",
+                        choices=LABEL_SETS, what="label set")
+    ferplus: str = _flag("", "FER+ votes file", default_text="fer2013new.csv beside --data", metavar="PATH")
+    pretrained: str = _flag("auto", "ImageNet weights as a search dimension: search, off, or auto "
+                                    "(search where every file of the space exists)",
+                            choices=PRETRAINED_MODES, what="pretrained mode")
+    resume: bool = _flag(False, "continue the experiment --name after a crash or Ctrl-C", action="store_true")
+    max_failures: int = _flag(1, "retries of a failing trial from its last checkpoint")
+    final: bool = _flag(True, "skip the final retrain/evaluate stage", action="store_false", flag="--no-final")
+    final_top_k: int = _flag(3, "retrain the best K configurations")
+    final_epochs: int = _flag(0, "epochs per final run", default_text="--max-epochs")
+    final_seeds: int = _flag(3, "seeds per configuration (--seed, --seed+1, ...)")
+    beta: float = _flag(1.0, "beta of the F-beta score")
+    final_tta: tuple[str, ...] = _flag(("none", "flip"), "test-time augmentations, each reported separately; "
+                                       "'none' is always included (tencrop costs 10 forward passes per image)",
+                                       choices=TTA_MODES, what="test-time augmentation", nargs="+")
 
     @property
     def experiment_dir(self) -> Path:
@@ -60,67 +91,64 @@ class Settings:
 
     @classmethod
     def from_json(cls, text: str) -> "Settings":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in json.loads(text).items() if k in fields}
+        values = {k: v for k, v in json.loads(text).items() if k in FIELDS}
         if "final_tta" in values:  # JSON has no tuples
             values["final_tta"] = tuple(values["final_tta"])
         return cls(**values)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr and exit status 2 (no usage dump)."""
-
-    def error(self, message: str):  # type: ignore[override]
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Settings)}
+# The flags of the final stage: `search.run` has them, and `search.final` can override them.
+FINAL_FLAGS = ("final_top_k", "final_epochs", "final_seeds", "beta", "final_tta")
 
 
-def add_final_flags(p: argparse.ArgumentParser) -> None:
-    """Flags of the final retrain/evaluate stage, shared by `search.run` and `search.final`."""
-    p.add_argument("--final-top-k", type=int, default=3, help="retrain the best K configurations (default 3)")
-    p.add_argument("--final-epochs", type=int, default=0, help="epochs per final run (default: --max-epochs)")
-    p.add_argument("--final-seeds", type=int, default=3, help="seeds per configuration (default 3)")
-    p.add_argument("--beta", type=float, default=1.0, help="beta of the F-beta score (default 1)")
-    p.add_argument("--final-tta", nargs="+", choices=["none", "flip", "tencrop"], default=["none", "flip"],
-                   help="test-time augmentations, each reported separately; 'none' is always included "
-                        "(default: none flip; tencrop costs 10 forward passes per image)")
+def _registry_type(kind: type, choices: Sequence[str] | None, what: str) -> Callable[[str], Any]:
+    """argparse `type=`: convert, and refuse a name outside `choices` in the project's wording."""
+    def convert(text: str) -> Any:
+        if choices and text not in choices:
+            raise argparse.ArgumentTypeError(f"unknown {what} '{text}'; choose from {list(choices)}")
+        return kind(text)
+    convert.__name__ = kind.__name__  # argparse says "invalid int value" for a bad number
+    return convert
+
+
+def add_flags(parser: argparse.ArgumentParser, names: Sequence[str], *, from_experiment: bool = False) -> None:
+    """Add the `Settings` fields `names` as flags (`--final-top-k` for `final_top_k`).
+
+    With `from_experiment` a flag left out is absent from the parsed namespace (so the
+    experiment's settings.json decides) and its help says so.
+    """
+    for name in names:
+        f = FIELDS[name]
+        meta = dict(f.metadata)
+        kwargs = dict(meta["argparse"])
+        flag = kwargs.pop("flag", f"--{name.replace('_', '-')}")
+        if "action" not in kwargs:
+            kind = str if isinstance(f.default, tuple) else type(f.default)
+            kwargs["type"] = _registry_type(kind, meta["choices"], meta["what"])
+            if meta["choices"]:
+                kwargs["metavar"] = "{" + ",".join(meta["choices"]) + "}"
+            else:
+                kwargs.setdefault("metavar", {int: "N", float: "X"}.get(kind, "TEXT"))
+        if kwargs.get("required"):
+            shown = ""
+        elif from_experiment:
+            shown = " (default: the experiment's, from its settings.json)"
+        else:
+            value = meta["default_text"] or (" ".join(f.default) if isinstance(f.default, tuple) else f.default)
+            shown = f" (default: {value})" if kwargs.get("action") != "store_false" else ""
+        default = argparse.SUPPRESS if from_experiment else f.default
+        if name == "data" and not from_experiment:
+            default = os.environ.get(DATA_ENV, f.default)
+        parser.add_argument(flag, dest=name, default=default, help=meta["help"] + shown, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `python -m search.run` command line."""
-    p = _Parser(prog="python -m search.run",
-                description="Search hyperparameters for FER2013 classifiers with Ray Tune (ASHA + Optuna), "
-                            "then retrain and evaluate the best configurations.")
-    p.add_argument("--space", required=True, help=f"search space: one of {sorted(SPACES)}")
-    p.add_argument("--data", default=os.environ.get("FER2013_PATH", "data/fer2013.csv"),
-                   help="fer2013.csv, a Kaggle image folder, or 'demo' (default $FER2013_PATH, else data/fer2013.csv)")
-    p.add_argument("--name", default="", help="experiment name (default <space>-<timestamp>)")
-    p.add_argument("--results", default="results", help="results folder (default results)")
-    p.add_argument("--num-samples", type=int, default=32, help="number of trials (default 32)")
-    p.add_argument("--max-epochs", type=int, default=30, help="epochs per trial, ASHA's max_t (default 30)")
-    p.add_argument("--grace-epochs", type=int, default=2, help="ASHA grace period in epochs (default 2)")
-    p.add_argument("--train-fraction", type=float, default=1.0,
-                   help="stratified, seeded share of Training used by trials (default 1.0)")
-    p.add_argument("--searcher", choices=["optuna", "random"], default="optuna",
-                   help="optuna: TPE, seeded; random: Optuna's random sampler (default optuna)")
-    p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha",
-                   help="asha: stop weak trials early; fifo: run every trial to the end (default asha)")
-    p.add_argument("--max-concurrent", type=int, default=0, help="trials at once (default: what resources allow)")
-    p.add_argument("--cpus-per-trial", type=int, default=1, help="CPU cores per trial (default 1)")
-    p.add_argument("--gpus-per-trial", type=float, default=-1.0,
-                   help="GPUs per trial, fractions share a GPU (default 0.5 where the cluster has GPUs, else 0)")
-    p.add_argument("--time-budget", type=float, default=0.0, help="stop the search after this many seconds")
-    p.add_argument("--seed", type=int, default=0, help="seed of the searcher and the data slices (default 0)")
-    p.add_argument("--address", default="", help="address of a running Ray cluster (default: a local instance)")
-    p.add_argument("--labels", choices=["fer2013", "ferplus"], default="fer2013",
-                   help="fer2013: the original labels; ferplus: FER+ majority votes, 8 classes")
-    p.add_argument("--ferplus", default="", help="FER+ votes file (default fer2013new.csv beside --data)")
-    p.add_argument("--pretrained", choices=["auto", "search", "off"], default="auto",
-                   help="ImageNet weights as a search dimension: search, off, or auto (search where the files exist)")
-    p.add_argument("--resume", action="store_true", help="continue the experiment --name after a crash or Ctrl-C")
-    p.add_argument("--max-failures", type=int, default=1, help="retries of a failing trial from its checkpoint")
-    p.add_argument("--no-final", action="store_true", help="skip the final retrain/evaluate stage")
-    add_final_flags(p)
+    """The `python -m search.run` command line: one flag per `Settings` field."""
+    p = Parser(prog="python -m search.run",
+               description="Search hyperparameters for FER2013 classifiers with Ray Tune (ASHA + Optuna), "
+                           "then retrain and evaluate the best configurations.")
+    add_flags(p, list(FIELDS))
     return p
 
 
@@ -150,15 +178,21 @@ def check_settings(s: Settings) -> None:
 
 def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     """Parse and check the command line into `Settings`."""
-    a = build_parser().parse_args(argv)
-    name = a.name or f"{a.space}-{time.strftime('%Y%m%d-%H%M%S')}"
-    s = Settings(space=a.space, data=a.data, name=name, results=a.results, num_samples=a.num_samples,
-                 max_epochs=a.max_epochs, grace_epochs=a.grace_epochs, train_fraction=a.train_fraction,
-                 searcher=a.searcher, scheduler=a.scheduler, max_concurrent=a.max_concurrent,
-                 cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial, time_budget=a.time_budget,
-                 seed=a.seed, address=a.address, labels=a.labels, ferplus=a.ferplus, pretrained=a.pretrained,
-                 resume=a.resume, max_failures=a.max_failures, final=not a.no_final,
-                 final_top_k=a.final_top_k, final_epochs=a.final_epochs, final_seeds=a.final_seeds, beta=a.beta,
-                 final_tta=tuple(a.final_tta))
+    values = vars(build_parser().parse_args(argv))
+    values["final_tta"] = tuple(values["final_tta"])
+    values["name"] = values["name"] or f"{values['space']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    s = Settings(**values)
     check_settings(s)
     return s
+
+
+def read_settings(experiment: Path) -> Settings:
+    """An experiment's settings.json, re-pointed at where the folder is now."""
+    path = experiment / "settings.json"
+    if not path.is_file():
+        raise UserError(f"{experiment} is not an experiment folder (no settings.json); pass results/<name>")
+    try:
+        s = Settings.from_json(path.read_text())
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{path} is not a valid settings file ({err})") from None
+    return dataclasses.replace(s, results=str(experiment.parent), name=experiment.name)

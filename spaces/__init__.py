@@ -2,7 +2,8 @@
 
 A space only calls `trial.suggest_*` (and may branch on what it drew) and returns
 constants; it does no I/O and no computation, so `optuna.trial.FixedTrial` tests
-it without a study. Names are the config keys of `trainables.train.DEFAULTS`.
+it without a study. Names are the fields of `trainables.config.TrialConfig` (plus the
+branching keys in `trainables.config.OPTUNA_ONLY`).
 Ranges are shared between families so that the `all` space stays one consistent
 Optuna search space (Optuna rejects a categorical whose choices change).
 """
@@ -58,7 +59,7 @@ def _arch(trial, family: str) -> str:
     return choices[0] if len(choices) == 1 else trial.suggest_categorical(f"{family}_arch", choices)
 
 
-def convnet(trial, *, ferplus: bool = False, pretrained: bool = False) -> dict[str, Any]:
+def convnet(trial, *, ferplus: bool = False, offer_weights: bool = False) -> dict[str, Any]:
     """The small 2-3 block ConvNet: width, depth and dropout, plus the shared training dimensions."""
     trial.suggest_categorical("width", [16, 32, 48, 64])
     trial.suggest_int("depth", 2, 3)
@@ -66,9 +67,10 @@ def convnet(trial, *, ferplus: bool = False, pretrained: bool = False) -> dict[s
     return {"arch": _arch(trial, "convnet"), **_training(trial, ferplus=ferplus)}
 
 
-def _torchvision_family(trial, family: str, *, ferplus: bool, pretrained: bool) -> dict[str, Any]:
+def _torchvision_family(trial, family: str, *, ferplus: bool, offer_weights: bool) -> dict[str, Any]:
     arch = _arch(trial, family)
-    use_weights = trial.suggest_categorical("pretrained", [False, True]) if pretrained else False
+    # `offer_weights`: the ImageNet files are available, so starting from them is a choice.
+    use_weights = trial.suggest_categorical("pretrained", [False, True]) if offer_weights else False
     stem = trial.suggest_categorical("stem", ["stride", "keep", "imagenet"])
     if use_weights and stem == "imagenet":
         # Only ImageNet's own stem carries pretrained first-layer weights (the 3x3 stems start fresh),
@@ -79,20 +81,20 @@ def _torchvision_family(trial, family: str, *, ferplus: bool, pretrained: bool) 
     return {"arch": arch, "pretrained": use_weights, **_training(trial, ferplus=ferplus)}
 
 
-def resnet(trial, *, ferplus: bool = False, pretrained: bool = False) -> dict[str, Any]:
+def resnet(trial, *, ferplus: bool = False, offer_weights: bool = False) -> dict[str, Any]:
     """ResNet-18/34/50/101: depth, stem, optional ImageNet weights, plus the shared dimensions."""
-    return _torchvision_family(trial, "resnet", ferplus=ferplus, pretrained=pretrained)
+    return _torchvision_family(trial, "resnet", ferplus=ferplus, offer_weights=offer_weights)
 
 
-def densenet(trial, *, ferplus: bool = False, pretrained: bool = False) -> dict[str, Any]:
+def densenet(trial, *, ferplus: bool = False, offer_weights: bool = False) -> dict[str, Any]:
     """DenseNet-121/169: as `resnet`."""
-    return _torchvision_family(trial, "densenet", ferplus=ferplus, pretrained=pretrained)
+    return _torchvision_family(trial, "densenet", ferplus=ferplus, offer_weights=offer_weights)
 
 
-def all_families(trial, *, ferplus: bool = False, pretrained: bool = False) -> dict[str, Any]:
+def all_families(trial, *, ferplus: bool = False, offer_weights: bool = False) -> dict[str, Any]:
     """The union: first the family, then that family's space."""
     family = trial.suggest_categorical("family", list(FAMILIES))
-    return SPACES[family](trial, ferplus=ferplus, pretrained=pretrained)
+    return SPACES[family](trial, ferplus=ferplus, offer_weights=offer_weights)
 
 
 SPACES: dict[str, Callable[..., dict[str, Any]]] = {

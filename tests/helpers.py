@@ -24,7 +24,7 @@ def write_fer_csv(path: Path, n_per_split=(70, 21, 21), seed: int = 0, lines: li
     return path
 
 
-def run_cli(module: str, *args: str, env: dict | None = None, timeout: float = 600,
+def run_command(module: str, *args: str, env: dict | None = None, timeout: float = 600,
             cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `python -m module args...` as a user would, capturing its output."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", **(env or {})}

@@ -8,7 +8,7 @@ from trainables.augment import MEAN, POLICIES, STD, build_augment, normalize, to
 from trainables.errors import UserError
 
 BATCH = 16
-MIXING = ("mixup", "cutmix", "strong_mixup")
+MIXING = ("mixup", "cutmix")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import run_cli, write_fer_csv
+from tests.helpers import run_command, write_fer_csv
 
 PIX = " ".join(["0"] * 2304)
 
@@ -74,7 +74,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, case):
     data = make(tmp_path)
     results = tmp_path / "results"
     args = ["--space", "convnet", *flags] if "--space" not in flags else flags
-    r = run_cli("search.run", *args, "--data", data, "--results", str(results), "--name", "x", "--no-final")
+    r = run_command("search.run", *args, "--data", data, "--results", str(results), "--name", "x", "--no-final")
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "error" in lines[0], r.stderr
@@ -85,7 +85,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, case):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_gpus_without_gpu(tmp_path):
-    r = run_cli("search.run", "--space", "convnet", "--data", _good(tmp_path), "--gpus-per-trial", "1",
+    r = run_command("search.run", "--space", "convnet", "--data", _good(tmp_path), "--gpus-per-trial", "1",
                 "--results", str(tmp_path / "r"), "--name", "x")
     assert r.returncode == 2 and "no GPU" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "r").exists()
@@ -95,10 +95,10 @@ def test_existing_experiment_is_never_overwritten(tmp_path):
     exp = tmp_path / "results" / "x"
     exp.mkdir(parents=True)
     (exp / "trials.csv").write_text("trial_id,val_acc\na,0.5\n")
-    r = run_cli("search.run", "--space", "convnet", "--data", _good(tmp_path), "--results", str(tmp_path / "results"),
-                "--name", "x")
+    r = run_command("search.run", "--space", "convnet", "--data", _good(tmp_path),
+                    "--results", str(tmp_path / "results"), "--name", "x")
     assert r.returncode == 2 and "already exists" in r.stderr and "--resume" in r.stderr
     assert (exp / "trials.csv").read_text() == "trial_id,val_acc\na,0.5\n"
-    r = run_cli("search.run", "--space", "convnet", "--data", "demo", "--results", str(tmp_path / "results"),
+    r = run_command("search.run", "--space", "convnet", "--data", "demo", "--results", str(tmp_path / "results"),
                 "--name", "y", "--resume")
     assert r.returncode == 2 and "nothing to resume" in r.stderr

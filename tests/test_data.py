@@ -13,10 +13,19 @@ import pytest
 import torch
 from PIL import Image
 
-from trainables import data
 from trainables.data import (
-    EMOTIONS, FERPLUS_CLASSES, SEARCH_SPLITS, SPLITS, FERData, Split, class_counts, duplicate_mask,
-    load_fer2013, make_demo, stratified_fraction,
+    EMOTIONS,
+    FERPLUS_CLASSES,
+    SEARCH_SPLITS,
+    SPLITS,
+    FERData,
+    Split,
+    class_counts,
+    duplicate_mask,
+    kaggle_csv,
+    load_fer2013,
+    make_demo,
+    stratified_fraction,
 )
 from trainables.errors import UserError
 
@@ -239,7 +248,7 @@ def test_labels_are_validated_in_every_row(tmp_path: Path) -> None:
 def forbid_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("the CSV was parsed again")
-    monkeypatch.setattr(data, "_parse_csv", fail)
+    monkeypatch.setattr(kaggle_csv, "_parse_csv", fail)
 
 
 def test_cache_hit_skips_parsing_and_holds_one_file_per_split(small_csv, monkeypatch) -> None:
@@ -257,8 +266,8 @@ def test_cache_hit_skips_parsing_and_holds_one_file_per_split(small_csv, monkeyp
 def test_cache_parses_only_the_missing_split(small_csv, monkeypatch) -> None:
     load_fer2013(small_csv)
     calls = []
-    real = data._parse_csv
-    monkeypatch.setattr(data, "_parse_csv", lambda path, splits: calls.append(splits) or real(path, splits))
+    real = kaggle_csv._parse_csv
+    monkeypatch.setattr(kaggle_csv, "_parse_csv", lambda path, splits: calls.append(splits) or real(path, splits))
     d = load_fer2013(small_csv, splits=SPLITS)
     assert calls == [("PrivateTest",)]
     check_split(d.test, [7, 8])
@@ -285,7 +294,7 @@ def test_cache_falls_back_to_home_when_beside_is_not_writable(small_csv, tmp_pat
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     # A directory below a regular file cannot be created, even by root (chmod would not stop root).
-    monkeypatch.setattr(data, "_local_cache_dir", lambda path: blocker / "x.cache")
+    monkeypatch.setattr(kaggle_csv, "_local_cache_dir", lambda path: blocker / "x.cache")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     load_fer2013(small_csv)
     homes = list((tmp_path / "home" / ".cache" / "fer-search").iterdir())

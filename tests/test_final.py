@@ -16,13 +16,19 @@ import pandas as pd
 import pytest
 import torch
 
-from search.evaluate import load_weights, main as evaluate_main, save_weights
-from search.final import config_from_row, main as final_main, retrain, select_candidates, without_test
-from tests.helpers import run_cli
+from search.candidates import select_candidates
+from search.evaluate import main as evaluate_main
+from search.export import TrialRecord
+from search.final import main as final_main
+from search.retrain import retrain, without_test
+from tests.helpers import run_command
+from trainables.config import TrialConfig
 from trainables.data import EMOTIONS, SPLITS, FERData, make_demo
+from trainables.device import to_device
 from trainables.errors import UserError
+from trainables.inference import evaluate, predict
 from trainables.models import build_model
-from trainables.train import predict
+from trainables.weights import load_weights, save_weights
 
 SIZES = {"Training": 210, "PublicTest": 70, "PrivateTest": 70}
 N_DUPLICATES = 10
@@ -51,7 +57,7 @@ def experiment(tmp_path_factory):
     test.x[:N_DUPLICATES] = train.x[:N_DUPLICATES]  # exact copies, as FER2013 has across splits
     _write_csv(root / "good.csv", demo, garbage_private=False)
     _write_csv(root / "bad.csv", demo, garbage_private=True)
-    search = run_cli("search.run", "--space", "convnet", "--data", str(root / "bad.csv"), "--num-samples", "2",
+    search = run_command("search.run", "--space", "convnet", "--data", str(root / "bad.csv"), "--num-samples", "2",
                      "--max-epochs", "1", "--grace-epochs", "1", "--no-final", "--seed", SEARCH_SEED,
                      "--name", "X", "--results", str(root / "results"))
     return {"root": root, "exp": root / "results" / "X", "search": search}
@@ -61,7 +67,7 @@ def experiment(tmp_path_factory):
 def final_dir(experiment):
     """`search.final` on the experiment, with the intact data: 1 configuration x 2 seeds x 1 epoch."""
     assert experiment["search"].returncode == 0, experiment["search"].stderr[-3000:]
-    r = run_cli("search.final", str(experiment["exp"]), "--data", str(experiment["root"] / "good.csv"),
+    r = run_command("search.final", str(experiment["exp"]), "--data", str(experiment["root"] / "good.csv"),
                 "--final-top-k", "1", "--final-seeds", "2", "--final-epochs", "1",
                 "--final-tta", "none", "flip", "tencrop")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -89,7 +95,7 @@ def test_search_never_reads_private_test_but_final_does(experiment):
     first_line = SIZES["Training"] + SIZES["PublicTest"] + 2
     models = experiment["exp"] / "final" / "models"
     had_models = models.exists()  # the end-to-end tests may have run first (pytest -k, -p randomly)
-    message = _one_line_error(run_cli("search.final", str(experiment["exp"]), "--final-top-k", "1",
+    message = _one_line_error(run_command("search.final", str(experiment["exp"]), "--final-top-k", "1",
                                       "--final-seeds", "1", "--final-epochs", "1", "--overwrite"))
     assert f"line {first_line}" in message and "bad.csv" in message
     assert models.exists() == had_models  # it failed before clearing or training anything
@@ -154,15 +160,22 @@ def test_per_class_and_confusion_tables_add_up(final_dir):
     cm = pd.read_csv(final_dir / "confusion_matrix.csv")
     classes = list(EMOTIONS)
     model = cm["model"].iloc[0]
-    assert model in (final_dir / "README.md").read_text()  # the note says which model is analysed
+    assert (cm["model"] == model).all() and model in (final_dir / "README.md").read_text()
+    # The analysed model is the best by PublicTest without TTA, single runs before ensembles on a tie.
     metrics = pd.read_csv(final_dir / "metrics.csv")
+    metrics["model"] = np.where(metrics["kind"] == "run",
+                                metrics["config"] + "-seed" + metrics["seed"].astype("Int64").astype(str),
+                                metrics["kind"])
+    scored = metrics[metrics["kind"].isin(["run", "ensemble_all", "ensemble_best"])]
+    plain = scored[scored["tta"] == "none"]
+    assert model == plain.loc[plain["val_acc"].idxmax(), "model"]
     for tta, block in cm.groupby("tta"):
         counts = block[block["value"] == "count"][classes].to_numpy()
         shares = block[block["value"] == "share"][classes].to_numpy()
         assert counts.sum() == SIZES["PrivateTest"]
         np.testing.assert_allclose(shares.sum(1)[counts.sum(1) > 0], 1.0)
-        acc = np.trace(counts) / counts.sum()
-        assert np.isclose(metrics["accuracy"], acc).any()  # one of the scored models, this TTA
+        row = scored[(scored["model"] == model) & (scored["tta"] == tta)]
+        assert len(row) == 1 and np.trace(counts) / counts.sum() == pytest.approx(row["accuracy"].iloc[0])
     none = cm[(cm["tta"] == "none") & (cm["value"] == "count")][classes].to_numpy()
     pairs = pd.read_csv(final_dir / "confused_pairs.csv")
     wrong = pd.read_csv(final_dir / "misclassified.csv")
@@ -185,7 +198,7 @@ def test_saved_weights_load_with_weights_only(final_dir):
 
 def test_evaluate_cli_prints_the_same_numbers(final_dir, experiment):
     path = sorted((final_dir / "models").glob("*.pt"))[0]
-    r = run_cli("search.evaluate", "--model", str(path), "--data", str(experiment["root"] / "good.csv"),
+    r = run_command("search.evaluate", "--model", str(path), "--data", str(experiment["root"] / "good.csv"),
                 "--tta", "none", "flip")
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = pd.read_csv(final_dir / "metrics.csv")
@@ -230,24 +243,31 @@ def test_reloaded_weights_give_identical_predictions(tmp_path):
     assert meta["config"]["width"] == 16 and meta["num_classes"] == 7
 
 
-def test_select_candidates_skips_failures_and_restores_types():
-    trials = pd.DataFrame({
-        "trial_id": ["a", "b", "c", "d", "e"],
-        "status": ["STOPPED", "ERROR", "COMPLETED", "DIVERGED", "RUNNING"],
-        "val_acc": [0.5, 0.9, 0.6, 0.95, math.nan],
-        "config/width": [32.0, 16.0, 48.0, 16.0, 16.0],
-        "config/lr": [0.01, 0.1, math.nan, 0.1, 0.1],
-        "config/pretrained": [False, True, math.nan, False, True],
-        "config/augment": ["flip_crop", "none", "mixup", "none", "none"],
-    })
+def _record(trial_id: str, status: str, val_acc: float, config: dict) -> TrialRecord:
+    nan = math.nan
+    return TrialRecord(trial_id=trial_id, status=status, val_acc=val_acc, epochs=1, seconds=1.0, node_id="n",
+                       val_loss=nan, train_loss=nan, train_acc=nan, images_per_s=nan, found_lr=nan, error="",
+                       config=config)
+
+
+def test_select_candidates_skips_failures_and_types_configs_once():
+    trials = [
+        _record("a", "STOPPED", 0.5, {"width": 32.0, "lr": 0.01, "pretrained": False, "augment": "flip_crop"}),
+        _record("b", "ERROR", 0.9, {"width": 16}),
+        _record("c", "COMPLETED", 0.6, {"width": 48, "augment": "mixup", "family": "convnet"}),
+        _record("d", "DIVERGED", 0.95, {"width": 16}),
+        _record("e", "RUNNING", math.nan, {"width": 16}),
+    ]
     chosen = select_candidates(trials, 5)
     assert [c.trial_id for c in chosen] == ["c", "a"] and [c.name for c in chosen] == ["top1-c", "top2-a"]
-    assert chosen[0].config == {"width": 48, "augment": "mixup"}  # NaN: left to the defaults
-    assert type(chosen[0].config["width"]) is int
-    assert chosen[1].config == {"width": 32, "lr": 0.01, "pretrained": False, "augment": "flip_crop"}
-    assert type(chosen[1].config["pretrained"]) is bool
+    # Keys the space left out take the defaults; Optuna's branching keys (family) are dropped.
+    assert chosen[0].config == TrialConfig(width=48, augment="mixup")
+    assert type(chosen[1].config.width) is int and chosen[1].config.width == 32  # a 32.0 from a table
+    assert chosen[1].config.lr == 0.01 and chosen[1].config.pretrained is False
     assert [c.trial_id for c in select_candidates(trials, 1)] == ["c"]
-    assert config_from_row(pd.Series({"config/soft_labels": "True", "val_acc": 1.0})) == {"soft_labels": True}
+    assert TrialConfig.from_dict({"soft_labels": "True"}).soft_labels is True
+    with pytest.raises(UserError, match="unknown hyperparameter.*'widht'"):
+        select_candidates([_record("f", "COMPLETED", 0.7, {"widht": 32})], 1)
 
 
 def test_training_tasks_are_handed_no_private_test():
@@ -258,8 +278,6 @@ def test_training_tasks_are_handed_no_private_test():
 
 
 def test_retrain_keeps_its_best_public_test_epoch(tmp_path):
-    from trainables.train import evaluate, to_device
-
     data = make_demo(splits=["Training", "PublicTest"], n_train=140, n_val=70)
     config = {"width": 16, "depth": 2, "batch_size": 32, "lr": 0.05, "augment": "none"}
     out = retrain(config, data, epochs=3, seed=0, tensorboard_dir=str(tmp_path / "tb"))

@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from trainables.metrics import (SCALAR_METRICS, classification_metrics, confused_pairs, ensemble_probs,
-                                masked_accuracy, misclassified, top_k_accuracy)
+from trainables.metrics import (
+    SCALAR_METRICS,
+    classification_metrics,
+    confused_pairs,
+    ensemble_probs,
+    masked_accuracy,
+    misclassified,
+    top_k_accuracy,
+)
 
 CLASSES = ("a", "b", "c")
 # Ten samples. Confusion (rows true, columns predicted): a: 3 a, 1 b; b: 2 b, 1 c; c: 2 a, 1 c.
@@ -120,7 +127,7 @@ class _LeftRight(torch.nn.Module):
 
 @pytest.mark.parametrize("tta", ["none", "flip", "tencrop"])
 def test_tta_views_are_averaged(tta):
-    from trainables.train import predict
+    from trainables.inference import predict
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (5, 48, 48), dtype=torch.uint8, generator=gen)

@@ -8,11 +8,9 @@ from trainables.errors import UserError
 from trainables.models import (
     MODELS,
     build_model,
-    head_parameters,
     pretrained_weights_path,
     set_backbone_frozen,
 )
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,7 +84,7 @@ def test_frozen_backbone_leaves_only_head_trainable():
     model = build_model("resnet18")
     set_backbone_frozen(model, True)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    assert {id(p) for p in trainable} == {id(p) for p in head_parameters(model)}
+    assert {id(p) for p in trainable} == {id(p) for p in model.head.parameters()}
     assert len(trainable) == 2  # the linear layer's weight and bias
     set_backbone_frozen(model, False)
     assert all(p.requires_grad for p in model.parameters())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tests.helpers import ROOT, run_cli
+from tests.helpers import ROOT, run_command
 
 # With TPE seeded 5, the first four convnet configs use sgd, adam, adamw, adamw.
 COMMON = ["--space", "convnet", "--data", "demo", "--max-epochs", "2", "--grace-epochs", "1",
@@ -46,7 +46,7 @@ def _study_trials(exp: Path):
 
 def test_failing_and_diverging_trials_do_not_stop_the_search(tmp_path):
     env = {"FER_INJECT_FAILURE": "optimizer=sgd@1;optimizer=adam@1:once", "FER_INJECT_NAN": "optimizer=adamw"}
-    r = run_cli("search.run", *COMMON, "--num-samples", "4", "--results", str(tmp_path), "--name", "f", env=env)
+    r = run_command("search.run", *COMMON, "--num-samples", "4", "--results", str(tmp_path), "--name", "f", env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     df = pd.read_csv(tmp_path / "f" / "trials.csv")
     assert len(df) == 4
@@ -97,7 +97,7 @@ def test_sigkill_then_resume_keeps_finished_trials(tmp_path):
     before = _finished_trials(exp)
     studied_before = {t.number for t in _study_trials(exp) if t.state.name == "COMPLETE"}
 
-    r = run_cli("search.run", *args, "--resume")
+    r = run_command("search.run", *args, "--resume")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     df = pd.read_csv(exp / "trials.csv")
     assert len(df) == 5 and set(df["status"]) == {"COMPLETED"}

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from tests.helpers import run_cli
+from tests.helpers import run_command
 
 
 def _tb_tags(trial_dir):
@@ -22,7 +22,7 @@ def _tb_tags(trial_dir):
 @pytest.fixture(scope="module")
 def demo_experiment(tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
-    r = run_cli("search.run", "--space", "convnet", "--data", "demo", "--num-samples", "3", "--max-epochs", "2",
+    r = run_command("search.run", "--space", "convnet", "--data", "demo", "--num-samples", "3", "--max-epochs", "2",
                 "--grace-epochs", "1", "--results", str(results), "--name", "demo", "--no-final", "--seed", "43")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return results / "demo", r
@@ -60,7 +60,7 @@ def test_every_trial_is_in_tensorboard(demo_experiment):
 
 def test_search_on_real_fer2013(tmp_path, real_fer_csv):
     # Seed 77: TPE's first draws are small ConvNets (Adam at 2.7e-3; AdamW with mixup) that learn fast.
-    r = run_cli("search.run", "--space", "convnet", "--data", str(real_fer_csv), "--train-fraction", "0.2",
+    r = run_command("search.run", "--space", "convnet", "--data", str(real_fer_csv), "--train-fraction", "0.2",
                 "--num-samples", "2", "--max-epochs", "2", "--scheduler", "fifo", "--seed", "77",
                 "--results", str(tmp_path), "--name", "real", "--no-final")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

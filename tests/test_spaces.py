@@ -2,11 +2,13 @@
 import optuna
 import pytest
 
-from spaces import AUGMENTS, FAMILIES, SPACES, archs_of, get_space
+from spaces import FAMILIES, SPACES, archs_of, get_space
 from trainables.augment import POLICIES
+from trainables.config import OPTUNA_ONLY, TrialConfig, field_names
 from trainables.errors import UserError
 from trainables.models import MODELS
-from trainables.train import DEFAULTS, IMBALANCE, OPTIMIZERS, SCHEDULES, resolve_config
+from trainables.optim import OPTIMIZERS, SCHEDULES
+from trainables.runner import IMBALANCE, LR_MODES
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -24,9 +26,9 @@ def _sample(space, n=40, **kwargs):
 
 @pytest.mark.parametrize("name", sorted(SPACES))
 def test_space_samples_valid_configs(name):
-    configs = _sample(SPACES[name], pretrained=True, ferplus=True)
+    configs = _sample(SPACES[name], offer_weights=True, ferplus=True)
     for cfg in configs:
-        full = resolve_config(cfg)
+        full = TrialConfig.from_dict(cfg).to_dict()  # raises on a key that is not a hyperparameter
         assert full["arch"] in MODELS and full["arch"] in archs_of(name)
         assert full["optimizer"] in OPTIMIZERS and full["schedule"] in SCHEDULES
         assert full["augment"] in POLICIES and full["imbalance"] in IMBALANCE
@@ -37,7 +39,7 @@ def test_space_samples_valid_configs(name):
             assert 1e-4 <= cfg["lr"] <= 0.3
         else:
             assert "lr" not in cfg  # the trial finds its own rate
-        assert set(full) >= set(DEFAULTS)
+        assert set(cfg) <= set(field_names()) | set(OPTUNA_ONLY)
     archs = {c["arch"] for c in configs}
     assert len(archs) == len(archs_of(name)) or len(configs) < 10  # every arch is reachable
 
@@ -47,15 +49,20 @@ def test_all_space_covers_every_family():
     assert {fam_archs[0] for fam_archs in FAMILIES.values()} <= archs
 
 
-def test_space_uses_every_augmentation_policy():
-    augments = {c["augment"] for c in _sample(SPACES["convnet"], n=150)}
-    assert augments == set(AUGMENTS)
-    assert set(AUGMENTS) <= set(POLICIES)
+def test_space_searches_every_registered_choice():
+    """What the convnet space draws is what the registries hold: a policy, schedule, optimizer or
+    imbalance mode dropped from the space, or registered but never searched, fails here."""
+    configs = _sample(SPACES["convnet"], n=200)
+    assert {c["augment"] for c in configs} == set(POLICIES)
+    assert {c["schedule"] for c in configs} == set(SCHEDULES)
+    assert {c["optimizer"] for c in configs} == set(OPTIMIZERS)
+    assert {c["imbalance"] for c in configs} == set(IMBALANCE)
+    assert {c["lr_mode"] for c in configs} == set(LR_MODES)
 
 
 def test_pretrained_only_when_allowed():
-    assert all(c["pretrained"] is False for c in _sample(SPACES["resnet"], pretrained=False))
-    assert {c["pretrained"] for c in _sample(SPACES["resnet"], pretrained=True)} == {False, True}
+    assert all(c["pretrained"] is False for c in _sample(SPACES["resnet"], offer_weights=False))
+    assert {c["pretrained"] for c in _sample(SPACES["resnet"], offer_weights=True)} == {False, True}
 
 
 def test_fixed_trial_gives_constants():

@@ -1,4 +1,4 @@
-"""Plain-PyTorch building blocks: data, augmentation, models, training, metrics.
+"""Plain-PyTorch building blocks: data, augmentation, models, optimizers, training, metrics.
 
 Only `trainables.tune_trainable` imports Ray; everything else runs without it.
 """

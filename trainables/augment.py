@@ -311,11 +311,6 @@ def _cutmix_policy(*, magnitude: float, mix_alpha: float, num_classes: int) -> A
     return Augment("cutmix", nn.Sequential(*_flip_crop()), _cutmix(mix_alpha), num_classes)
 
 
-def _strong_mixup_policy(*, magnitude: float, mix_alpha: float, num_classes: int) -> Augment:
-    """The "strong" policy, then MixUp."""
-    return Augment("strong_mixup", nn.Sequential(*_strong(magnitude)), _mixup(mix_alpha), num_classes)
-
-
 POLICIES: dict[str, Callable[..., Augment]] = {
     "none": _none,
     "flip_crop": _flip_crop_policy,
@@ -324,7 +319,6 @@ POLICIES: dict[str, Callable[..., Augment]] = {
     "trivialaugment": _trivialaugment,
     "mixup": _mixup_policy,
     "cutmix": _cutmix_policy,
-    "strong_mixup": _strong_mixup_policy,
 }
 
 
@@ -333,7 +327,7 @@ def build_augment(name: str, *, magnitude: float = 0.5, mix_alpha: float = 1.0, 
 
     `magnitude` in [0, 1] scales the strength of "strong", "randaugment" and "trivialaugment"
     (1 is each op's full range); `mix_alpha` > 0 is the Beta parameter of the mixing weight
-    for "mixup", "cutmix" and "strong_mixup". Unknown names or out-of-range values raise
+    for "mixup" and "cutmix". Unknown names or out-of-range values raise
     UserError.
     """
     if name not in POLICIES:

@@ -22,20 +22,17 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 import torch_lr_finder.lr_finder as _finder_module
+from torch.utils.data import DataLoader
 from torch_lr_finder import LRFinder
 
 from trainables.augment import normalize, to_input
+from trainables.optim import build_optimizer
 
 RULE = ("steepest descent of the smoothed loss before its first minimum (torch-lr-finder's rule, "
         "limited to the falling part of the curve), skipping the first 10 points")
 SKIP_START = 10
 BLOWUP = 1.2  # the smoothed loss this many times its lowest so far: the sweep has blown up
-
-
-def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, target)
 
 
 @contextlib.contextmanager
@@ -55,12 +52,10 @@ def lr_range_test(model: torch.nn.Module, train, *, optimizer: str = "sgd", batc
                   start_lr: float = 1e-6, end_lr: float = 3.0, steps: int = 100) -> dict:
     """Sweep the LR exponentially from `start_lr` to `end_lr` over `steps` batches of `train`.
 
-    `train` is a `trainables.train.DeviceSplit`. The model and its weights are
+    `train` is a `trainables.device.DeviceSplit`. The model and its weights are
     left as they were. Returns `suggested_lr`, the rule, and the curve (`lrs`,
     `losses`); the suggestion is clipped to the swept range.
     """
-    from trainables.train import build_optimizer  # local: train.py imports this module lazily too
-
     device = device or next(model.parameters()).device
     n = len(train)
     order = torch.randperm(n, generator=generator)
@@ -76,7 +71,7 @@ def lr_range_test(model: torch.nn.Module, train, *, optimizer: str = "sgd", batc
     loader = DataLoader(range(steps * batch_size), batch_size=batch_size, shuffle=False, collate_fn=collate)
     opt = build_optimizer(optimizer, model.parameters(), lr=start_lr, weight_decay=weight_decay,
                           momentum=momentum)
-    finder = LRFinder(model, opt, _soft_cross_entropy, device=device)
+    finder = LRFinder(model, opt, F.cross_entropy, device=device)  # takes soft targets too
     # The finder prints a progress bar and chatty lines; in a trial's log they are noise
     # (and tqdm reads its off-switch only at import, which Ray's workers did long before).
     with _quiet():

@@ -11,8 +11,10 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import (accuracy_score, confusion_matrix, precision_recall_fscore_support,
-                             top_k_accuracy_score)
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, top_k_accuracy_score
+
+# The search objective, named once: a trial's PublicTest accuracy, to maximise.
+METRIC, MODE = "val_acc", "max"
 
 # The scalar metrics `classification_metrics` returns, in the order the tables show them.
 SCALAR_METRICS = ("accuracy", "precision_macro", "recall_macro", "fbeta_macro", "precision_weighted",

@@ -2,7 +2,7 @@
 
 Each model is a `FerNet`: an optional on-device upsampling step, a backbone that ends in a
 flat feature vector, and a `head` (dropout + linear). Keeping that one shape for every family
-is what lets the training loop, `head_parameters` and `set_backbone_frozen` ignore the family.
+is what lets the training loop and `set_backbone_frozen` ignore the family.
 ResNets and DenseNets come from torchvision (weights=None) with their first convolution
 rebuilt for one input channel; `pretrained=True` loads ImageNet weights from a local file
 only, never from the network.
@@ -194,18 +194,13 @@ def build_model(
                         pretrained=pretrained, weights_path=weights_path, input_size=input_size)
 
 
-def head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The classifier head's parameters (dropout + linear), e.g. for a separate learning rate."""
-    return list(model.head.parameters())
-
-
 def set_backbone_frozen(model: nn.Module, frozen: bool) -> None:
     """Set requires_grad=False (frozen) or True on every parameter except the head's.
 
     Batch-norm running statistics still update in train mode; call `model.backbone.eval()`
     as well if those should stay fixed too.
     """
-    head = {id(p) for p in head_parameters(model)}
+    head = {id(p) for p in model.head.parameters()}
     for p in model.parameters():
         if id(p) not in head:
             p.requires_grad_(not frozen)

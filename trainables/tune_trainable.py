@@ -1,6 +1,7 @@
 """The Ray Tune trainable: the only module of `trainables` that talks to Ray.
 
-A plain function of `config`: it builds a `Run` (see `trainables.train`), resumes
+A plain function of `config`: it types the config once (`TrialConfig`), builds a `Run`
+(see `trainables.runner`), resumes
 from Ray's checkpoint when there is one, and reports once per epoch with a
 checkpoint, so a trial can be paused by ASHA, retried after a crash, or resumed
 after the driver was killed.
@@ -16,8 +17,10 @@ import ray
 import torch
 from ray import tune
 
+from trainables.config import TrialConfig
 from trainables.data import FERData
-from trainables.train import DivergedError, build_run, run_epoch, run_state
+from trainables.runner import build_run, run_epoch, run_state
+from trainables.train import DivergedError
 
 CHECKPOINT_FILE = "run.pt"
 # Test hooks, so that the failure paths are exercised for real through the CLI:
@@ -61,7 +64,7 @@ def train_fer(config: dict, *, data: FERData, max_epochs: int, seed: int, thread
             state = torch.load(os.path.join(path, CHECKPOINT_FILE), weights_only=True)
         best, last = float(state["best_val_acc"]), dict(state["metrics"])
         start -= float(state["metrics"]["seconds"])
-    run = build_run(config, data, epochs=max_epochs, seed=seed, state=state)
+    run = build_run(TrialConfig.from_dict(config), data, epochs=max_epochs, seed=seed, state=state)
     node = ray.get_runtime_context().get_node_id()
     if run.epoch >= max_epochs:
         # The driver died after this trial's last epoch was saved but before Tune marked it
@@ -80,8 +83,8 @@ def train_fer(config: dict, *, data: FERData, max_epochs: int, seed: int, thread
         best = max(best, metrics["val_acc"])
         metrics.update({"best_val_acc": best, "diverged": 0, "node_id": node,
                         "seconds": time.perf_counter() - start})
-        if run.lr_find:
-            metrics["found_lr"] = run.lr_find["suggested_lr"]
+        if run.found_lr is not None:
+            metrics["found_lr"] = run.found_lr
         with tempfile.TemporaryDirectory() as tmp:
             state = run_state(run)
             state.update({"best_val_acc": best, "metrics": metrics})

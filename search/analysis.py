@@ -1,0 +1,97 @@
+"""The final stage's pictures and notes: error analysis, kernels and activations, its README, the printed table."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from search.retrain import FinalRun, seeds_of
+from search.scoring import ANALYSIS_TTA, confusion_table
+from search.settings import Settings
+from trainables.data import FERData
+from trainables.device import pick_device
+from trainables.files import write_csv, write_text
+from trainables.metrics import confused_pairs, misclassified
+from trainables.report import emotion_activations, plot_activations, plot_confusion, plot_kernels, plot_mistakes
+from trainables.weights import load_weights
+
+MISTAKES_SHOWN = 36
+
+
+def write_error_analysis(out: Path, model: str, full: dict, data: FERData, ttas: Sequence[str]) -> None:
+    """Confusion matrix (CSV + PNG), confused pairs, misclassified images (CSV + PNG grid) of one model."""
+    classes = data.classes
+    write_csv(confusion_table(model, full, classes, ttas), out / "confusion_matrix.csv")
+    plot_confusion({f"tta={t}": full[model, t]["confusion"] for t in ttas}, classes, out / "confusion_matrix.png",
+                   title=f"PrivateTest confusion of {model}")
+    m = full[model, ANALYSIS_TTA]
+    pairs = confused_pairs(m["confusion"], classes)
+    pairs.insert(0, "tta", ANALYSIS_TTA)
+    pairs.insert(0, "model", model)
+    write_csv(pairs, out / "confused_pairs.csv")
+    wrong = misclassified(m["probs"], data.test.y.numpy(), data.test.rows.numpy(), classes)
+    shown = wrong.head(MISTAKES_SHOWN)
+    captions = [f"row {r.row}\n{r.true} -> {r.predicted} {r.confidence:.0%}" for r in shown.itertuples()]
+    plot_mistakes(data.test.x.numpy()[shown.index.to_numpy()], captions, out / "misclassified.png",
+                  title=f"most confident PrivateTest mistakes of {model} (tta={ANALYSIS_TTA})")
+    wrong.insert(0, "tta", ANALYSIS_TTA)
+    wrong.insert(0, "model", model)
+    write_csv(wrong, out / "misclassified.csv")
+
+
+def write_visualisations(out: Path, runs: Sequence[FinalRun], data: FERData) -> str:
+    """kernels.png and activations.png of the best single run by PublicTest; returns its name.
+
+    The activation maps are computed on PublicTest: a picture is not a choice, but there is
+    no reason to read PrivateTest for it either.
+    """
+    best = max(runs, key=lambda r: r.val_acc)
+    model, _ = load_weights(best.weights, device=pick_device())
+    plot_kernels(model, out / "kernels.png", title=f"first-layer kernels of {best.name}")
+    faces, maps = emotion_activations(model, data.val.x, data.val.y, data.num_classes)
+    plot_activations(faces, maps, data.classes, out / "activations.png",
+                     title=f"PublicTest mean face and activation relative to the average emotion, {best.name}")
+    return best.name
+
+
+def write_readme(out: Path, s: Settings, model: str, epochs: int, ttas: Sequence[str]) -> None:
+    """final/README.md: what each file holds and which model the error analysis describes."""
+    write_text(out / "README.md", f"""# Final stage of {s.name}
+
+The top {s.final_top_k} configuration(s) of the search (by PublicTest accuracy) were retrained from
+scratch on the full Training split for {epochs} epoch(s) with seeds {seeds_of(s)}; each run kept
+its best PublicTest epoch. Everything below was measured once on PrivateTest, which the search
+never read. TTA modes: {', '.join(ttas)} (reported separately, never mixed).
+
+- `metrics.csv`: one row per run and TTA mode (`kind` run), a `mean` and a sample `std` row per
+  configuration and TTA mode, and the ensembles (`ensemble_all`: softmax average of every run;
+  `ensemble_best`: of the best run per configuration by PublicTest). `val_acc` is the same
+  model's PublicTest accuracy, `search_val_acc` the trial's during the search;
+  `accuracy_dedup` leaves out the `n_duplicates` PrivateTest images pixel-identical to a
+  Training image; F-beta uses beta={s.beta:g}.
+- `per_class.csv`: precision, recall, F-beta and support per class, per model and TTA mode.
+- `confusion_matrix.csv` / `.png`, `confused_pairs.csv`, `misclassified.csv` / `.png`: error
+  analysis of **{model}**, the model with the best PublicTest accuracy without TTA; the pairs
+  and mistakes are without TTA. `row` is the 0-based data row of the source CSV (line row + 2).
+- `kernels.png`, `activations.png`: the first-layer kernels of the best single run, and per
+  emotion its mean PublicTest face with where its deepest convolution that keeps a spatial grid
+  fires more (red) or less (blue) than on the average emotion.
+- `models/<config>-seed<k>.pt`: state_dict, config and classes (`torch.load(..., weights_only=True)`,
+  or `python -m search.evaluate --model ... --data ...`), with the config as JSON beside it.
+- `tensorboard/<config>-seed<k>/`: per-epoch scalars of each run (`tensorboard --logdir {out}`).
+""")
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (pd.api.types.is_scalar(value) and pd.isna(value))
+
+
+def print_table(df: pd.DataFrame) -> None:
+    """Print the headline columns of metrics.csv."""
+    cols = ["kind", "config", "seed", "tta", "val_acc", "accuracy", "accuracy_dedup", "fbeta_macro",
+            "top2_accuracy"]
+    view = df[cols].copy()
+    view["config"] = view["config"].str.slice(0, 40)
+    view["seed"] = view["seed"].map(lambda v: "" if _is_missing(v) else str(int(v)))
+    print(view.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep=""))

@@ -1,0 +1,204 @@
+"""Retraining the chosen configurations from scratch: plain-PyTorch `retrain`, run as parallel Ray tasks.
+
+The data rule lives here too: the final stage loads all three splits, but a retraining
+task is handed only Training and PublicTest (`without_test`); PrivateTest is scored once,
+by the driver, after every task has finished.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from search.candidates import Candidate
+from search.cluster import start_ray, trial_resources
+from search.settings import Settings
+from trainables.config import TrialConfig
+from trainables.data import SEARCH_SPLITS, SPLITS, FERData, load_fer2013
+from trainables.errors import UserError
+from trainables.inference import TTA_MODES, predict
+from trainables.runner import build_run, run_epoch
+from trainables.train import DivergedError
+from trainables.weights import save_weights
+
+
+@dataclass
+class FinalRun:
+    """One retrained (configuration, seed): its weights file, best PublicTest epoch and PublicTest probabilities."""
+
+    candidate: Candidate
+    seed: int
+    weights: Path
+    best_epoch: int
+    val_acc: float
+    val_probs: dict[str, np.ndarray]  # per TTA mode, of the kept weights
+
+    @property
+    def name(self) -> str:
+        return f"{self.candidate.name}-seed{self.seed}"
+
+
+# --------------------------------------------------------------------------- data (the protocol)
+
+def load_final_data(s: Settings) -> FERData:
+    """All three splits, with the FULL Training split (the search's --train-fraction does not apply here)."""
+    return load_fer2013(s.data, splits=SPLITS, labels=s.labels, ferplus_path=s.ferplus or None, seed=s.seed)
+
+
+def without_test(data: FERData) -> FERData:
+    """What a retraining task may see: Training and PublicTest, never PrivateTest."""
+    return FERData(classes=data.classes, splits={k: data.splits[k] for k in SEARCH_SPLITS}, source=data.source)
+
+
+# --------------------------------------------------------------------------- one run (inside a Ray task)
+
+def write_scalars(tensorboard_dir: str | Path, history: Sequence[dict]) -> None:
+    """Write per-epoch scalars of a run as TensorBoard events (used where the task could not write them here)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tensorboard_dir)) as writer:
+        for metrics in history:
+            _add_scalars(writer, metrics)
+
+
+def _add_scalars(writer, metrics: dict) -> None:
+    """One epoch's metrics as TensorBoard scalars, at that epoch."""
+    for key, value in metrics.items():
+        if key != "epoch":
+            writer.add_scalar(key, value, int(metrics["epoch"]))
+
+
+def _open_writer(tensorboard_dir: str | None):
+    from torch.utils.tensorboard import SummaryWriter
+
+    if not tensorboard_dir:
+        return None
+    try:
+        return SummaryWriter(tensorboard_dir)
+    except OSError:  # a cluster node that cannot write the driver's results path: the driver writes them
+        return None
+
+
+def retrain(config: TrialConfig, data: FERData, *, epochs: int, seed: int, threads: int = 1,
+            tensorboard_dir: str | None = None, label: str = "", ttas: Sequence[str] = TTA_MODES) -> dict:
+    """Train `config` from scratch for `epochs`, keeping the weights of its best PublicTest epoch.
+
+    Plain PyTorch (the final stage runs it as a Ray task). Returns the best epoch's
+    state_dict on the CPU, that epoch's number and PublicTest accuracy, the per-epoch
+    history, `diverged` (the error, or "") if the loss stopped being finite, and
+    `val_probs`: the kept weights' PublicTest probabilities per TTA mode (computed
+    here, in parallel, because PublicTest is the task's to read; PrivateTest is not).
+    A run that diverges in its first epoch returns `state_dict` None.
+    """
+    torch.set_num_threads(max(1, threads))
+    run = build_run(config, data, epochs=epochs, seed=seed)
+    writer = _open_writer(tensorboard_dir)
+    best: dict = {"state_dict": None, "best_epoch": 0, "val_acc": float("nan")}
+    history, diverged = [], ""
+    try:
+        while run.epoch < epochs:
+            try:
+                metrics = run_epoch(run)
+            except DivergedError as err:
+                diverged = str(err)
+                break
+            history.append(metrics)
+            if writer:
+                _add_scalars(writer, metrics)
+                writer.flush()
+            # Strictly better only: on a tie the earlier (less trained) epoch is kept.
+            if best["state_dict"] is None or metrics["val_acc"] > best["val_acc"]:
+                state = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
+                best = {"state_dict": state, "best_epoch": run.epoch, "val_acc": float(metrics["val_acc"])}
+            print(f"{label} epoch {run.epoch}/{epochs}: PublicTest accuracy {metrics['val_acc']:.4f}", flush=True)
+    finally:
+        if writer:
+            writer.close()
+    val_probs = {}
+    if best["state_dict"] is not None:
+        run.model.load_state_dict(best["state_dict"])
+        val_probs = {tta: predict(run.model, run.val.x, device=run.device, tta=tta).numpy() for tta in ttas}
+    return {**best, "history": history, "diverged": diverged, "val_probs": val_probs}
+
+
+# --------------------------------------------------------------------------- every run, in parallel
+
+def _get(ref):
+    """ray.get, turning a UserError raised inside a task back into itself (one line, not Ray's traceback)."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(getattr(err, "cause", None), UserError):
+            raise UserError(str(err.cause)) from None
+        raise
+
+
+def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, epochs: int,
+                out: Path, ttas: Sequence[str] = TTA_MODES) -> list[FinalRun]:
+    """Retrain every candidate with every seed as parallel Ray tasks (trial resources each); save the weights."""
+    import ray
+
+    started = not ray.is_initialized()  # search.run has already started (or joined) Ray
+    cluster = start_ray(s) if started else ray.cluster_resources()
+    pending: list = []
+    try:
+        resources, _ = trial_resources(s, cluster)
+        task = ray.remote(retrain).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"])
+        data_ref = ray.put(without_test(data))
+        jobs = {}
+        for cand in candidates:
+            for seed in seeds_of(s):
+                name = f"{cand.name}-seed{seed}"
+                board = (out / "tensorboard" / name).resolve()
+                ref = task.remote(cand.config, data_ref, epochs=epochs, seed=seed, threads=s.cpus_per_trial,
+                                  tensorboard_dir=str(board), label=name, ttas=list(ttas))
+                jobs[ref] = (cand, seed, board)
+        print(f"final stage: retraining {len(candidates)} configurations x {s.final_seeds} seeds "
+              f"for {epochs} epochs on {len(data.train)} Training images "
+              f"({resources['cpu']} CPU, {resources['gpu']} GPU each)", flush=True)
+        runs, pending = [], list(jobs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            cand, seed, board = jobs[done[0]]
+            result = _get(done[0])
+            run = save_run(result, cand, seed, s, data, out, board)
+            if run:
+                runs.append(run)
+                print(f"final run {run.name}: best PublicTest accuracy {run.val_acc:.4f} at epoch "
+                      f"{run.best_epoch} ({len(jobs) - len(pending)}/{len(jobs)} done)", flush=True)
+    except BaseException:
+        for ref in pending:  # a failed run or Ctrl-C: do not leave the others training on a shared cluster
+            ray.cancel(ref, force=True)
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+    return sorted(runs, key=lambda r: (r.candidate.rank, r.seed))
+
+
+def seeds_of(s: Settings) -> list[int]:
+    """The seeds of the final runs: consecutive from the experiment's --seed."""
+    return [s.seed + i for i in range(s.final_seeds)]
+
+
+def save_run(result: dict, cand: Candidate, seed: int, s: Settings, data: FERData, out: Path,
+             board: Path) -> FinalRun | None:
+    """Write a finished task's best weights (+ config JSON) and make sure its TensorBoard scalars exist here."""
+    name = f"{cand.name}-seed{seed}"
+    if result["history"] and not any(board.glob("events.out.tfevents.*")):
+        write_scalars(board, result["history"])  # the task ran on another node, whose disk we cannot see
+    if result["state_dict"] is None:
+        print(f"final run {name}: diverged in its first epoch ({result['diverged']}); left out", flush=True)
+        return None
+    info = {"name": name, "trial_id": cand.trial_id, "seed": seed, "best_epoch": result["best_epoch"],
+            "val_acc": result["val_acc"], "search_val_acc": cand.search_val_acc, "labels": s.labels,
+            "experiment": s.name, "data_seed": s.seed, "diverged": result["diverged"], "history": result["history"]}
+    path = save_weights(out / "models" / name, result["state_dict"], config=cand.config, classes=data.classes,
+                        info=info)
+    return FinalRun(candidate=cand, seed=seed, weights=path, best_epoch=int(result["best_epoch"]),
+                    val_acc=float(result["val_acc"]), val_probs=result["val_probs"])

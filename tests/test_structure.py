@@ -1,0 +1,146 @@
+"""The code's shape: imports run one way, Ray stays in its module, every torch.load is safe, ruff is clean."""
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT
+
+PACKAGES = ("search", "trainables", "spaces")
+# The commands (`python -m search.<name>`): library code never imports them, and the only
+# command that imports another is the search, which runs the final stage when it ends.
+COMMANDS = {"search.run", "search.final", "search.evaluate", "search.lr_find", "search.augment_preview"}
+ALLOWED_COMMAND_IMPORTS = {("search.run", "search.final")}
+
+
+def _modules() -> dict[str, Path]:
+    """Every project module (packages recursively), by dotted name."""
+    out = {}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join(parts)] = path
+    return out
+
+
+def _resolve(name: str, modules: dict[str, Path]) -> str | None:
+    """The project module `name` refers to: itself, or the longest dotted prefix that is a module."""
+    while name and name not in modules:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The project modules `path` imports anywhere, inside functions included (relative imports resolved)."""
+    found: set[str | None] = set()
+    package = ".".join(path.relative_to(ROOT).parent.parts)
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(_resolve(alias.name, modules) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
+            for alias in node.names:  # `from a.b import c` is module a.b.c when that exists, else a.b
+                full = f"{base}.{alias.name}"
+                found.add(full if full in modules else _resolve(base, modules))
+    return {m for m in found if m}
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imports(path, modules) - {name} for name, path in modules.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle, as a path that ends where it starts, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_import_graph_has_no_cycle():
+    graph = _graph()
+    assert {"search.run", "trainables.runner", "trainables.data.kaggle_csv"} <= set(graph)  # the walk sees them
+    assert "search.final" in graph["search.run"] and "trainables.optim" in graph["trainables.lr_find"]
+    cycle = _cycle(graph)
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_cycle_check_finds_a_cycle():
+    # The checker itself: a back edge hidden inside a function is a cycle too.
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_commands_are_imported_only_by_the_search(tmp_path):
+    offending = sorted((src, dst) for src, deps in _graph().items() for dst in deps
+                       if dst in COMMANDS and (src, dst) not in ALLOWED_COMMAND_IMPORTS)
+    assert not offending, offending
+
+
+def test_only_the_trainable_and_the_driver_import_ray():
+    users = set()
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(m == "ray" or m.startswith("ray.") for m in mods):
+                users.add(name)
+    assert [u for u in users if u.startswith("trainables")] == ["trainables.tune_trainable"]
+    assert not any(u.startswith("spaces") for u in users)
+
+
+def _torch_load_calls(path: Path) -> list[ast.Call]:
+    return [node for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
+            and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"]
+
+
+def test_every_torch_load_is_weights_only():
+    calls = [(path, call) for path in _modules().values() for call in _torch_load_calls(path)]
+    assert len(calls) >= 3, "fewer torch.load calls than the project has: the walk is stale"
+    unsafe = [f"{path.relative_to(ROOT)}:{call.lineno}" for path, call in calls
+              if not any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                         for k in call.keywords)]
+    assert not unsafe, unsafe
+
+
+def test_weights_only_guard_sees_calls_not_text(tmp_path):
+    sample = tmp_path / "m.py"
+    sample.write_text('"""torch.load(path) in a docstring is not a call."""\nimport torch\n'
+                      'a = torch.load("x", weights_only=True)\nb = torch.load("y")\n')
+    calls = _torch_load_calls(sample)
+    assert [c.lineno for c in calls] == [3, 4]
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists(),
+                    reason="ruff is not installed (pip install -e '.[test]' installs it)")
+def test_ruff_is_clean():
+    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    r = subprocess.run([ruff, "check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:]

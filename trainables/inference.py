@@ -1,0 +1,61 @@
+"""Inference: softmax probabilities with optional test-time augmentation, and PublicTest scoring.
+
+Used by every stage that scores a model: the per-epoch PublicTest evaluation of a trial,
+the final stage and `search.evaluate`. Each TTA mode's views are averaged as
+probabilities; the modes are reported separately, never mixed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trainables.augment import normalize
+from trainables.device import DeviceSplit, autocast, prepare_batch
+from trainables.errors import UserError
+
+TTA_MODES = ("none", "flip", "tencrop")
+
+
+def _tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    if mode == "none":
+        return [x]
+    if mode == "flip":
+        return [x, x.flip(-1)]
+    if mode == "tencrop":
+        # Ten-crop at full size: the reflect-padded image cropped at its four corners and
+        # centre (shifts of 4 px, the training crop's range), each also flipped.
+        pad = F.pad(x, (4, 4, 4, 4), mode="reflect")
+        h, w = x.shape[-2:]
+        crops = [pad[..., dy:dy + h, dx:dx + w] for dy, dx in ((0, 0), (0, 8), (8, 0), (8, 8), (4, 4))]
+        return crops + [c.flip(-1) for c in crops]
+    raise UserError(f"unknown test-time augmentation '{mode}'; choose from {list(TTA_MODES)}")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x_uint8: torch.Tensor, *, batch_size: int = 512,
+            device: torch.device | None = None, tta: str = "none") -> torch.Tensor:
+    """Softmax probabilities (N, C) on the CPU, averaged over the test-time views of `tta`."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    out = []
+    for i in range(0, len(x_uint8), batch_size):
+        x = prepare_batch(x_uint8[i:i + batch_size].to(device), device)
+        probs = None
+        views = _tta_views(x, tta)
+        for view in views:
+            with autocast(device):
+                p = model(normalize(view)).float().softmax(1)
+            probs = p if probs is None else probs + p
+        out.append((probs / len(views)).cpu())
+    return torch.cat(out)
+
+
+def evaluate(model: nn.Module, data: DeviceSplit, *, batch_size: int = 512,
+             tta: str = "none") -> dict[str, float]:
+    """Accuracy and cross-entropy loss of `model` on `data` (PublicTest during training)."""
+    probs = predict(model, data.x, batch_size=batch_size, tta=tta)
+    y = data.y.cpu()
+    loss = F.nll_loss(probs.clamp_min(1e-12).log(), y).item()
+    return {"val_loss": loss, "val_acc": (probs.argmax(1) == y).float().mean().item()}
+

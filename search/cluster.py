@@ -6,22 +6,23 @@ trial and both see the same fault-injection hooks.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 from search.settings import Settings
 from trainables.errors import UserError
+from trainables.faults import INJECT_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# Test hooks (see trainables.tune_trainable) that must reach Ray's workers.
-_FAULT_ENV = ("FER_INJECT_FAILURE", "FER_INJECT_NAN")
 
 
 def start_ray(s: Settings) -> dict:
     """Join the cluster at --address, or start a local Ray instance (dashboard off); returns its resources."""
     import ray
 
-    env = {k: os.environ[k] for k in _FAULT_ENV if k in os.environ}
+    env = {k: os.environ[k] for k in INJECT_ENV if k in os.environ}  # test hooks
     if s.address:
+        check_reachable(s.address)
         # Ship this checkout to the cluster so every node runs the driver's code.
         runtime_env = {"working_dir": str(PROJECT_ROOT), "env_vars": env,
                        "excludes": ["results/", ".venv/", ".git/", "data/", "*.cache/"]}
@@ -51,3 +52,21 @@ def trial_resources(s: Settings, cluster: dict) -> tuple[dict, int]:
         fits = min(fits, max(1, int(cluster["GPU"] // gpus)))
     concurrent = s.max_concurrent or max(1, min(fits, s.num_samples))
     return {"cpu": s.cpus_per_trial, "gpu": gpus}, concurrent
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast with one line when `host:port` does not answer (ray.init would retry for minutes).
+
+    `auto` (find the cluster this machine belongs to) is left to Ray, which fails at once
+    when there is none.
+    """
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address must be host:port (e.g. 10.0.0.5:6379) or auto, got '{address}'")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise UserError(f"cannot reach the Ray cluster at {address} ({err.strerror or err}); start it with "
+                        f"`ray up cluster.yaml`, or leave out --address for a local Ray instance") from None

@@ -91,8 +91,11 @@ def retrain(config: TrialConfig, data: FERData, *, epochs: int, seed: int, threa
     history, `diverged` (the error, or "") if the loss stopped being finite, and
     `val_probs`: the kept weights' PublicTest probabilities per TTA mode (computed
     here, in parallel, because PublicTest is the task's to read; PrivateTest is not).
-    A run that diverges in its first epoch returns `state_dict` None.
+    A run that diverges in its first epoch returns `state_dict` None. `trained_on` names
+    the splits it was handed; being handed PrivateTest is refused (a bug, not a user error).
     """
+    if set(data.splits) - set(SEARCH_SPLITS):
+        raise ValueError(f"a retraining run may see only {SEARCH_SPLITS}, got {sorted(data.splits)}")
     torch.set_num_threads(max(1, threads))
     run = build_run(config, data, epochs=epochs, seed=seed)
     writer = _open_writer(tensorboard_dir)
@@ -121,7 +124,8 @@ def retrain(config: TrialConfig, data: FERData, *, epochs: int, seed: int, threa
     if best["state_dict"] is not None:
         run.model.load_state_dict(best["state_dict"])
         val_probs = {tta: predict(run.model, run.val.x, device=run.device, tta=tta).numpy() for tta in ttas}
-    return {**best, "history": history, "diverged": diverged, "val_probs": val_probs}
+    return {**best, "history": history, "diverged": diverged, "val_probs": val_probs,
+            "trained_on": sorted(data.splits)}
 
 
 # --------------------------------------------------------------------------- every run, in parallel
@@ -197,7 +201,8 @@ def save_run(result: dict, cand: Candidate, seed: int, s: Settings, data: FERDat
         return None
     info = {"name": name, "trial_id": cand.trial_id, "seed": seed, "best_epoch": result["best_epoch"],
             "val_acc": result["val_acc"], "search_val_acc": cand.search_val_acc, "labels": s.labels,
-            "experiment": s.name, "data_seed": s.seed, "diverged": result["diverged"], "history": result["history"]}
+            "experiment": s.name, "data_seed": s.seed, "diverged": result["diverged"], "history": result["history"],
+            "trained_on": result["trained_on"]}
     path = save_weights(out / "models" / name, result["state_dict"], config=cand.config, classes=data.classes,
                         info=info)
     return FinalRun(candidate=cand, seed=seed, weights=path, best_epoch=int(result["best_epoch"]),

@@ -7,6 +7,7 @@ the best configurations to the final stage. PrivateTest is never loaded here.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -143,6 +144,9 @@ def run_search(s: Settings) -> int:
     data = load_search_data(s)
     offer_weights = False if s.resume else offers_weights(s)  # a resumed search keeps its space
     cluster = start_ray(s)
+    resources, concurrent = trial_resources(s, cluster)
+    # settings.json records what the experiment ran with, not the flags' placeholders.
+    s = dataclasses.replace(s, gpus_per_trial=resources["gpu"], max_concurrent=concurrent)
     tuner = build_tuner(s, data, exp, cluster, offer_weights=offer_weights)
     write_text(exp / "settings.json", s.to_json())
     print(f"experiment {exp}: space {s.space}, {len(data.train)} training images, "

@@ -181,6 +181,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     values = vars(build_parser().parse_args(argv))
     values["final_tta"] = tuple(values["final_tta"])
     values["name"] = values["name"] or f"{values['space']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    values["final_epochs"] = values["final_epochs"] or values["max_epochs"]
     s = Settings(**values)
     check_settings(s)
     return s

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from search.cli import run_cli
 from tests.helpers import run_command, write_fer_csv
 
 PIX = " ".join(["0"] * 2304)
@@ -68,19 +69,41 @@ CASES = {
 }
 
 
+def _run_in_process(module_main, argv: list[str]) -> int:
+    """The command's entry as `python -m` runs it: run_cli's status, or argparse's SystemExit code."""
+    try:
+        return run_cli(module_main, argv)
+    except SystemExit as exit_:
+        return int(exit_.code)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_is_one_line_exit_2(tmp_path, case):
+def test_bad_input_is_one_line_exit_2(tmp_path, case, capsys):
+    from search.run import main
+
     make, flags, needle = CASES[case]
     data = make(tmp_path)
     results = tmp_path / "results"
     args = ["--space", "convnet", *flags] if "--space" not in flags else flags
-    r = run_command("search.run", *args, "--data", data, "--results", str(results), "--name", "x", "--no-final")
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "error" in lines[0], r.stderr
+    status = _run_in_process(main, [*args, "--data", data, "--results", str(results), "--name", "x", "--no-final"])
+    out, err = capsys.readouterr()
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert needle in lines[0]
-    assert "Traceback" not in r.stderr + r.stdout
+    assert "Traceback" not in err + out
     assert not results.exists() or not any(results.rglob("*"))
+
+
+@pytest.mark.parametrize("args", [["--num-samples", "many"], ["--space", "vit"], ["--data", "/nonexistent.csv"]])
+def test_bad_input_through_python_m(tmp_path, args):
+    """The same one line from the real `python -m search.run` process (argparse's and ours)."""
+    full = ["--space", "convnet", *args] if "--space" not in args else [*args, "--data", "demo"]
+    r = run_command("search.run", *full, "--results", str(tmp_path / "r"), "--name", "x")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

@@ -4,8 +4,6 @@ from __future__ import annotations
 import csv
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -558,12 +556,9 @@ FIRST = {"Training": 0, "PublicTest": 28709, "PrivateTest": 32298}
 
 
 @pytest.fixture(scope="module")
-def real_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not (REAL / "fer2013.npz").is_file():
-        pytest.skip(f"real FER2013 not found at {REAL} (see the project README to get it)")
-    out = tmp_path_factory.mktemp("real") / "fer2013.csv"
-    subprocess.run([sys.executable, str(REAL / "to_csv.py"), str(out)], check=True, capture_output=True)
-    return out
+def real_csv(real_fer_csv: Path) -> Path:
+    """The session's one copy of the real fer2013.csv (see conftest), written once for every module."""
+    return real_fer_csv
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -23,10 +24,9 @@ from search.final import main as final_main
 from search.retrain import retrain, without_test
 from tests.helpers import run_command
 from trainables.config import TrialConfig
-from trainables.data import EMOTIONS, SPLITS, FERData, make_demo
-from trainables.device import to_device
+from trainables.data import EMOTIONS, SPLITS, FERData, load_fer2013, make_demo
 from trainables.errors import UserError
-from trainables.inference import evaluate, predict
+from trainables.inference import predict
 from trainables.models import build_model
 from trainables.weights import load_weights, save_weights
 
@@ -270,25 +270,88 @@ def test_select_candidates_skips_failures_and_types_configs_once():
         select_candidates([_record("f", "COMPLETED", 0.7, {"widht": 32})], 1)
 
 
-def test_training_tasks_are_handed_no_private_test():
-    data = without_test(make_demo(splits=SPLITS, n_train=14, n_val=7, n_test=7))
+def test_training_tasks_are_handed_no_private_test(final_dir):
+    # What the real tasks of the final stage received, as each recorded it beside its weights.
+    for meta in (final_dir / "models").glob("*.json"):
+        assert json.loads(meta.read_text())["trained_on"] == ["PublicTest", "Training"], meta.name
+    # And a task handed PrivateTest refuses to train.
+    full = make_demo(splits=SPLITS, n_train=14, n_val=7, n_test=7)
+    with pytest.raises(ValueError, match="may see only"):
+        retrain({"width": 8}, full, epochs=1, seed=0)
+    data = without_test(full)
     assert set(data.splits) == {"Training", "PublicTest"}
     with pytest.raises(UserError, match="PrivateTest"):
         data.test
 
 
-def test_retrain_keeps_its_best_public_test_epoch(tmp_path):
+def test_retrain_keeps_its_best_public_test_epoch(tmp_path, monkeypatch):
+    """PublicTest accuracy 0.5, 0.7, 0.6: the run keeps epoch 2's weights, not the last epoch's."""
+    import search.retrain
+
     data = make_demo(splits=["Training", "PublicTest"], n_train=140, n_val=70)
     config = {"width": 16, "depth": 2, "batch_size": 32, "lr": 0.05, "augment": "none"}
+    forced, snapshots, real_epoch = [0.5, 0.7, 0.6], [], search.retrain.run_epoch
+
+    def epoch_with_forced_accuracy(run):
+        metrics = real_epoch(run)
+        snapshots.append({k: v.clone() for k, v in run.model.state_dict().items()})
+        return {**metrics, "val_acc": forced[run.epoch - 1]}
+
+    monkeypatch.setattr(search.retrain, "run_epoch", epoch_with_forced_accuracy)
     out = retrain(config, data, epochs=3, seed=0, tensorboard_dir=str(tmp_path / "tb"))
-    accs = [h["val_acc"] for h in out["history"]]
-    assert len(accs) == 3 and out["val_acc"] == max(accs) and out["best_epoch"] == accs.index(max(accs)) + 1
+    assert [h["val_acc"] for h in out["history"]] == forced
+    assert out["best_epoch"] == 2 and out["val_acc"] == 0.7
+    assert all(torch.equal(out["state_dict"][k], v) for k, v in snapshots[1].items())
+    assert not all(torch.equal(out["state_dict"][k], v) for k, v in snapshots[2].items())
     assert sorted(out["val_probs"]) == ["flip", "none", "tencrop"]
-    kept = (out["val_probs"]["none"].argmax(1) == data.val.y.numpy()).mean()
-    assert kept == pytest.approx(out["val_acc"])  # PublicTest scored with the kept epoch, not the last
+    # PublicTest probabilities are those of the kept weights (epoch 2), not the last epoch's.
     model = build_model("convnet", num_classes=7, stem="stride", width=16, depth=2, dropout=0.0,
                         pretrained=False, input_size=48)
-    model.load_state_dict(out["state_dict"])
-    again = evaluate(model, to_device(data.val, 7, torch.device("cpu")))["val_acc"]
-    assert again == pytest.approx(out["val_acc"])
+    model.load_state_dict(snapshots[1])
+    np.testing.assert_allclose(out["val_probs"]["none"], predict(model, data.val.x).numpy(), atol=1e-6)
+    model.load_state_dict(snapshots[2])
+    assert not np.allclose(out["val_probs"]["none"], predict(model, data.val.x).numpy(), atol=1e-6)
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_final_overwrite_with_resource_overrides(final_dir, experiment, tmp_path):
+    """--overwrite replaces an earlier final stage entirely; flags given override settings.json."""
+    exp = tmp_path / "X"
+    shutil.copytree(experiment["exp"], exp)
+    r = run_command("search.final", str(exp), "--data", str(experiment["root"] / "good.csv"), "--overwrite",
+                    "--final-top-k", "1", "--final-seeds", "1", "--final-epochs", "1", "--final-tta", "none",
+                    "--cpus-per-trial", "1", "--gpus-per-trial", "0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "x 1 seeds for 1 epochs" in r.stdout and "(1 CPU, 0.0 GPU each)" in r.stdout
+    weights = sorted(p.name for p in (exp / "final" / "models").glob("*.pt"))
+    assert len(weights) == 1 and weights[0].endswith(f"-seed{SEARCH_SEED}.pt")  # seed 40's earlier run is gone
+    metrics = pd.read_csv(exp / "final" / "metrics.csv")
+    assert set(metrics["tta"]) == {"none"} and (metrics[metrics["kind"] == "run"]["seed"] == int(SEARCH_SEED)).all()
+
+
+def test_evaluate_split_and_beta(final_dir, experiment, capsys):
+    from sklearn.metrics import fbeta_score
+
+    path = sorted((final_dir / "models").glob("*.pt"))[0]
+    good = str(experiment["root"] / "good.csv")
+    assert evaluate_main(["--model", str(path), "--data", good, "--split", "PublicTest", "--beta", "2",
+                          "--tta", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "PublicTest (70 images, beta=2)" in out
+    header = next(line.split() for line in out.splitlines() if line.split()[:2] == ["split", "tta"])
+    row = next(line.split() for line in out.splitlines() if line.startswith("PublicTest none"))
+    model, _ = load_weights(path)
+    val = load_fer2013(good, splits=["PublicTest"]).val
+    pred = predict(model, val.x).numpy().argmax(1)
+    expected = fbeta_score(val.y.numpy(), pred, beta=2, average="macro", labels=list(range(7)), zero_division=0)
+    assert float(row[header.index("fbeta_macro")]) == pytest.approx(expected, abs=1e-4)
+    assert "accuracy_dedup" in header  # duplicates of Training are counted on PublicTest too
+
+
+def test_evaluate_refuses_a_model_with_another_class_count(tmp_path, capsys):
+    model = build_model("convnet", num_classes=8, width=8, depth=2)
+    path = save_weights(tmp_path / "ferplus", model.state_dict(), config={"width": 8, "depth": 2},
+                        classes=[f"c{i}" for i in range(8)])
+    assert evaluate_main(["--model", str(path), "--data", "demo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "predicts 8 classes but demo has 7" in err and len(err.splitlines()) == 1

@@ -13,12 +13,14 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from tests.helpers import ROOT, run_command
 
-# With TPE seeded 5, the first four convnet configs use sgd, adam, adamw, adamw.
-COMMON = ["--space", "convnet", "--data", "demo", "--max-epochs", "2", "--grace-epochs", "1",
-          "--scheduler", "fifo", "--no-final", "--seed", "5"]
+# With TPE seeded 5, the first five convnet configs (TPE's random start-up draws) are:
+# sgd/bs64, adamw/bs64/mixup, adam/bs64, adam/bs64, adamw/bs128.
+COMMON = ["--space", "convnet", "--data", "demo", "--train-fraction", "0.5", "--max-epochs", "2",
+          "--grace-epochs", "1", "--scheduler", "fifo", "--no-final", "--seed", "5"]
 
 
 def _results(trial_dir: Path) -> list[dict]:
@@ -44,28 +46,55 @@ def _study_trials(exp: Path):
     return state["_ot_study"].trials
 
 
+def _best_finite(trial_dir: Path) -> float:
+    return max(r["val_acc"] for r in _results(trial_dir) if not r.get("diverged"))
+
+
 def test_failing_and_diverging_trials_do_not_stop_the_search(tmp_path):
-    env = {"FER_INJECT_FAILURE": "optimizer=sgd@1;optimizer=adam@1:once", "FER_INJECT_NAN": "optimizer=adamw"}
-    r = run_command("search.run", *COMMON, "--num-samples", "4", "--results", str(tmp_path), "--name", "f", env=env)
+    # sgd fails at epoch 1 every time; each adam fails there twice, and --max-failures 2 lets
+    # the third attempt finish; the two adamw trials train one finite epoch, then their loss
+    # turns NaN (mixup) or infinite (batch 128).
+    env = {"FER_INJECT_FAILURE": "optimizer=sgd@1;optimizer=adam@1:2",
+           "FER_INJECT_DIVERGE": "augment=mixup@1:nan;batch_size=128@1:inf"}
+    r = run_command("search.run", *COMMON, "--num-samples", "5", "--max-failures", "2", "--results", str(tmp_path),
+                    "--name", "f", env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    df = pd.read_csv(tmp_path / "f" / "trials.csv")
-    assert len(df) == 4
-    by_opt = {opt: set(g["status"]) for opt, g in df.groupby("config/optimizer")}
-    assert by_opt == {"sgd": {"ERROR"}, "adam": {"COMPLETED"}, "adamw": {"DIVERGED"}}
+    exp = tmp_path / "f"
+    df = pd.read_csv(exp / "trials.csv")
+    assert len(df) == 5
+    by_opt = {opt: sorted(g["status"]) for opt, g in df.groupby("config/optimizer")}
+    assert by_opt == {"sgd": ["ERROR"], "adam": ["COMPLETED", "COMPLETED"], "adamw": ["DIVERGED", "DIVERGED"]}
     sgd = df[df["config/optimizer"] == "sgd"].iloc[0]
     assert "injected failure" in sgd["error"] and sgd["epochs"] == 1
-    # The transient failure was retried from its epoch-1 checkpoint, not from scratch.
-    adam = df[df["config/optimizer"] == "adam"].iloc[0]
-    assert _epochs(tmp_path / "f" / "tune" / f"trial_{adam['trial_id']}") == [1, 2]
-    # Optuna saw finite values for every finished trial: NaN never reaches the sampler.
-    values = [t.value for t in _study_trials(tmp_path / "f") if t.state.name == "COMPLETE"]
-    assert len(values) == 3 and all(math.isfinite(v) for v in values)
+    assert (exp / "tune" / f"trial_{sgd['trial_id']}" / "injected_failures").read_text() == "3"  # 1 + 2 retries
+    for _, adam in df[df["config/optimizer"] == "adam"].iterrows():  # retried from the epoch-1 checkpoint
+        trial_dir = exp / "tune" / f"trial_{adam['trial_id']}"
+        assert _epochs(trial_dir) == [1, 2] and (trial_dir / "injected_failures").read_text() == "2"
+    diverged = df[df["status"] == "DIVERGED"].set_index("config/augment")
+    assert "nan" in diverged.loc["mixup", "error"] and "inf" in diverged.loc["none", "error"]
+    assert (diverged["epochs"] == 1).all()  # the finite epoch before the blow-up counts
+    # Optuna was told a finite value for every finished trial: for a diverged one its best finite
+    # accuracy (the epoch before the blow-up), never a NaN or 0; for the others their last epoch's.
+    # The errored trial is a failed study trial, without a value.
+    values = sorted(t.value for t in _study_trials(exp) if t.state.name == "COMPLETE")
+    expected = sorted(_best_finite(exp / "tune" / f"trial_{tid}") if status == "DIVERGED"
+                      else _results(exp / "tune" / f"trial_{tid}")[-1]["val_acc"]
+                      for tid, status in zip(df["trial_id"], df["status"]) if status != "ERROR")
+    assert values == pytest.approx(expected) and all(math.isfinite(v) for v in values)
 
 
-def _start(args, **kwargs):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
-    return subprocess.Popen([sys.executable, "-m", "search.run", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+def _start(args, env: dict | None = None):
+    full = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", **(env or {})}
+    # Its own session, so that the driver and the local Ray it started can be killed as one group.
+    return subprocess.Popen([sys.executable, "-m", "search.run", *args], cwd=ROOT, env=full,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _kill(p: subprocess.Popen) -> None:
+    """SIGKILL the process group of `p` unless it has already exited."""
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
 
 
 def _finished_trials(exp: Path) -> dict[str, set[tuple]]:
@@ -85,17 +114,37 @@ def _wait_for(cond, timeout=300):
     return False
 
 
+def _completed_in_study(exp: Path) -> int:
+    """Finished trials in the searcher state Tune last saved (0 while none is readable yet)."""
+    try:
+        return sum(t.state.name == "COMPLETE" for t in _study_trials(exp))
+    except (ValueError, OSError, EOFError, pickle.UnpicklingError):  # none yet, or caught mid-write
+        return 0
+
+
+def _hung_trial(exp: Path) -> str | None:
+    """The sgd trial once it has checkpointed epoch 1 (it then blocks before epoch 2)."""
+    for d in (exp / "tune").glob("trial_*"):
+        if (d / "result.json").exists() and _epochs(d) == [1] and (d / "params.json").exists() \
+                and json.loads((d / "params.json").read_text()).get("optimizer") == "sgd":
+            return d.name
+    return None
+
+
 def test_sigkill_then_resume_keeps_finished_trials(tmp_path):
     exp = tmp_path / "k"
     args = [*COMMON, "--num-samples", "5", "--results", str(tmp_path), "--name", "k", "--max-concurrent", "2"]
-    p = _start(args, start_new_session=True)
+    # The sgd trial stops after its first epoch, so the kill always catches one trial mid-run.
+    p = _start(args, env={"FER_INJECT_HANG": "optimizer=sgd@1"})
     try:
-        assert _wait_for(lambda: len(_finished_trials(exp)) >= 2), "no trial finished in time"
+        assert _wait_for(lambda: len(_finished_trials(exp)) >= 2 and _hung_trial(exp)
+                         and _completed_in_study(exp) >= 2), "no trial finished in time"
     finally:
-        os.killpg(p.pid, signal.SIGKILL)  # the driver and its local Ray die at once
-        p.communicate()
+        _kill(p)  # the driver and its local Ray die at once
     before = _finished_trials(exp)
-    studied_before = {t.number for t in _study_trials(exp) if t.state.name == "COMPLETE"}
+    hung = _hung_trial(exp)
+    studied_before = {t.number: (t.params, t.value) for t in _study_trials(exp) if t.state.name == "COMPLETE"}
+    assert len(studied_before) >= 2
 
     r = run_command("search.run", *args, "--resume")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -103,11 +152,14 @@ def test_sigkill_then_resume_keeps_finished_trials(tmp_path):
     assert len(df) == 5 and set(df["status"]) == {"COMPLETED"}
     for name, epochs in before.items():  # finished before the kill: kept, not retrained
         assert _trained_epochs(exp / "tune" / name) == epochs
-    trials = _study_trials(exp)
-    assert len(trials) == 5 and all(t.state.name == "COMPLETE" for t in trials)
-    assert studied_before <= {t.number for t in trials}  # the Optuna history survived the kill
+    # The unfinished trial continued from its epoch-1 checkpoint: epoch 1 was not trained again.
+    assert _epochs(exp / "tune" / hung) == [1, 2]
+    trials = {t.number: t for t in _study_trials(exp)}
+    assert len(trials) == 5 and all(t.state.name == "COMPLETE" for t in trials.values())
+    for number, (params, value) in studied_before.items():  # the Optuna history survived the kill
+        assert trials[number].params == params and trials[number].value == value
     finished = dict(zip(df["trial_id"], df["val_acc"]))
-    assert sorted(round(t.value, 6) for t in trials) == sorted(
+    assert sorted(round(t.value, 6) for t in trials.values()) == sorted(
         round(json.loads((exp / "tune" / f"trial_{tid}" / "result.json").read_text().splitlines()[-1])["val_acc"], 6)
         for tid in finished)
 
@@ -115,10 +167,12 @@ def test_sigkill_then_resume_keeps_finished_trials(tmp_path):
 def test_ctrl_c_exports_and_exits_130(tmp_path):
     exp = tmp_path / "c"
     p = _start([*COMMON, "--num-samples", "6", "--results", str(tmp_path), "--name", "c"])
-    assert _wait_for(lambda: any((exp / "tune").glob("trial_*/result.json"))
-                     and any(d.stat().st_size for d in (exp / "tune").glob("trial_*/result.json")))
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=120)
+    try:
+        assert _wait_for(lambda: any(d.stat().st_size for d in (exp / "tune").glob("trial_*/result.json")))
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        _kill(p)  # a failed check must not leave the driver and its Ray running
     assert p.returncode == 130, out[-2000:] + err[-2000:]
     assert f"--name c --results {tmp_path} --resume" in err and "Traceback" not in err
     df = pd.read_csv(exp / "trials.csv")

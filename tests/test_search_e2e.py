@@ -1,14 +1,17 @@
 """The search through the real CLI: on the demo data, and on a slice of the real FER2013."""
 from __future__ import annotations
 
+import glob
 import json
+import pickle
 import re
 
 import pandas as pd
 import pytest
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from tests.helpers import run_command
+from search.cli import run_cli
+from tests.helpers import run_command, write_fer_csv
 
 
 def _tb_tags(trial_dir):
@@ -19,11 +22,16 @@ def _tb_tags(trial_dir):
     return tags
 
 
+N_DEMO = 6
+
+
 @pytest.fixture(scope="module")
 def demo_experiment(tmp_path_factory):
+    """6 trials one at a time under ASHA (grace 1, max 3: a rung at epoch 1) on half the demo Training split."""
     results = tmp_path_factory.mktemp("results")
-    r = run_command("search.run", "--space", "convnet", "--data", "demo", "--num-samples", "3", "--max-epochs", "2",
-                "--grace-epochs", "1", "--results", str(results), "--name", "demo", "--no-final", "--seed", "43")
+    r = run_command("search.run", "--space", "convnet", "--data", "demo", "--num-samples", str(N_DEMO),
+                    "--max-epochs", "3", "--grace-epochs", "1", "--max-concurrent", "1", "--train-fraction", "0.5",
+                    "--results", str(results), "--name", "demo", "--no-final", "--seed", "43")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return results / "demo", r
 
@@ -31,31 +39,137 @@ def demo_experiment(tmp_path_factory):
 def test_trials_csv_has_one_row_per_trial(demo_experiment):
     exp, _ = demo_experiment
     df = pd.read_csv(exp / "trials.csv")
-    assert len(df) == 3 and df["trial_id"].is_unique
+    assert len(df) == N_DEMO and df["trial_id"].is_unique
     for col in ["trial_id", "status", "val_acc", "epochs", "seconds", "node_id", "config/arch", "config/lr_mode",
                 "config/optimizer", "config/augment", "config/batch_size", "config/weight_decay"]:
         assert col in df.columns, col
     assert set(df["status"]) <= {"COMPLETED", "STOPPED"}
-    assert df["val_acc"].between(0, 1).all() and df["epochs"].between(1, 2).all()
+    assert df["val_acc"].between(0, 1).all() and df["epochs"].between(1, 3).all()
     assert (df["seconds"] > 0).all() and df["node_id"].str.len().gt(10).all()
     assert df["val_acc"].is_monotonic_decreasing  # best first
+
+
+def test_asha_stops_trials_at_its_rungs(demo_experiment):
+    exp, _ = demo_experiment
+    df = pd.read_csv(exp / "trials.csv")
+    stopped, completed = df[df["status"] == "STOPPED"], df[df["status"] == "COMPLETED"]
+    assert len(stopped) >= 1 and len(completed) >= 1
+    assert (stopped["epochs"] == 1).all() and (completed["epochs"] == 3).all()  # the only rung is epoch 1
+    # A stopped trial was below the trials that went on, at the rung where it stopped.
+    at_rung = {tid: json.loads((exp / "tune" / f"trial_{tid}" / "result.json").read_text().splitlines()[0])
+               ["val_acc"] for tid in df["trial_id"]}
+    assert min(at_rung[t] for t in completed["trial_id"]) >= min(at_rung[t] for t in stopped["trial_id"])
+
+
+def test_trials_ran_one_at_a_time(demo_experiment):
+    exp, _ = demo_experiment
+    spans = []
+    for d in (exp / "tune").glob("trial_*"):
+        rows = [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
+        spans.append((rows[0]["timestamp"] - rows[0]["time_this_iter_s"], rows[-1]["timestamp"]))
+    spans.sort()
+    assert len(spans) == N_DEMO
+    assert all(start >= end_before - 1 for (_, end_before), (start, _) in zip(spans, spans[1:])), spans
 
 
 def test_settings_json_is_the_resolved_settings(demo_experiment):
     exp, _ = demo_experiment
     s = json.loads((exp / "settings.json").read_text())
-    assert s["space"] == "convnet" and s["num_samples"] == 3 and s["max_epochs"] == 2 and s["name"] == "demo"
+    assert s["space"] == "convnet" and s["num_samples"] == N_DEMO and s["max_epochs"] == 3 and s["name"] == "demo"
+    # Placeholders resolved: the final stage's epochs, the GPUs a trial got, the trials at once.
+    assert s["final_epochs"] == 3 and s["gpus_per_trial"] == 0 and s["max_concurrent"] == 1
 
 
 def test_every_trial_is_in_tensorboard(demo_experiment):
     exp, r = demo_experiment
     trial_dirs = [d for d in (exp / "tune").iterdir() if d.is_dir()]
-    assert len(trial_dirs) == 3
+    assert len(trial_dirs) == N_DEMO
     for d in trial_dirs:
         tags = _tb_tags(d)
         assert {"ray/tune/val_acc", "ray/tune/train_loss", "ray/tune/lr"} <= tags
         assert "_hparams_/session_start_info" in tags  # the trial's hyperparameters
     assert f"tensorboard --logdir {exp}" in r.stdout
+
+
+@pytest.mark.parametrize("flag, value, was", [("--seed", "7", "--seed 43"), ("--max-epochs", "5", "--max-epochs 3"),
+                                              ("--space", "resnet", "--space convnet"),
+                                              ("--train-fraction", "1", "--train-fraction 0.5")])
+def test_resume_refuses_changed_search_flags(demo_experiment, capsys, flag, value, was):
+    from search.run import main
+
+    exp, _ = demo_experiment
+    args = {"--space": "convnet", "--data": "demo", "--num-samples": str(N_DEMO), "--max-epochs": "3",
+            "--grace-epochs": "1", "--train-fraction": "0.5", "--seed": "43", flag: value}
+    before = (exp / "trials.csv").read_text()
+    status = run_cli(main, [*[x for kv in args.items() for x in kv], "--results", str(exp.parent), "--name", "demo",
+                            "--no-final", "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and err.startswith("error: --resume must repeat") and f"{was} (now " in err, err
+    assert (exp / "trials.csv").read_text() == before
+
+
+def test_quick_start_path_with_time_budget_random_searcher_and_final_stage(tmp_path):
+    """The path of the README's quick start: the final stage runs inside the search's own Ray instance.
+
+    A 15 s budget for 40 trials ends the search early: that is not an interruption (exit 0, no
+    resume hint), and the final stage then retrains the best trial that finished.
+    """
+    r = run_command("search.run", "--space", "convnet", "--data", "demo", "--num-samples", "40", "--max-epochs", "2",
+                    "--grace-epochs", "1", "--time-budget", "15", "--searcher", "random", "--train-fraction", "0.3",
+                    "--final-top-k", "1", "--final-seeds", "1", "--final-epochs", "1", "--final-tta", "none",
+                    "--results", str(tmp_path), "--name", "q", "--seed", "3")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "--resume" not in r.stderr and "final results:" in r.stdout
+    exp = tmp_path / "q"
+    df = pd.read_csv(exp / "trials.csv")
+    assert 1 <= len(df) < 40 and df["val_acc"].notna().any()
+    metrics = pd.read_csv(exp / "final" / "metrics.csv")
+    assert set(metrics["kind"]) == {"run", "mean", "std", "ensemble_all", "ensemble_best"}
+    assert (metrics["config"].str.startswith("top1-") | metrics["kind"].str.startswith("ensemble")).all()
+    with open(max(glob.glob(str(exp / "tune" / "searcher-state-*.pkl"))), "rb") as f:
+        sampler = pickle.load(f)["_ot_study"].sampler
+    assert type(sampler).__name__ == "RandomSampler"
+
+
+def _ferplus_files(tmp_path):
+    """A small fer2013.csv and its fer2013new.csv: Training rows 0-69, PublicTest 70-90, PrivateTest 91-111.
+
+    Row r votes 8 for emotion r % 8, except every 10th row, whose top vote is not-a-face (dropped).
+    """
+    data = write_fer_csv(tmp_path / "fer2013.csv")
+    usage = [line.rsplit(",", 1)[1] for line in data.read_text().splitlines()[1:]]
+    lines = ["Usage,Image name,neutral,happiness,surprise,sadness,anger,disgust,fear,contempt,unknown,NF"]
+    for r, u in enumerate(usage):
+        votes = [0] * 10
+        votes[9 if r % 10 == 0 else r % 8] = 8
+        votes[(r + 1) % 8] += 2
+        lines.append(f"{u},fer{r:07d}.png," + ",".join(map(str, votes)))
+    (tmp_path / "fer2013new.csv").write_text("\n".join(lines) + "\n")
+    kept = {split: sum(1 for r, u in enumerate(usage) if u == split and r % 10) for split in set(usage)}
+    return data, kept
+
+
+def test_ferplus_labels_through_the_cli(tmp_path):
+    data, kept = _ferplus_files(tmp_path)
+    r = run_command("search.run", "--space", "convnet", "--data", str(data), "--labels", "ferplus",
+                    "--num-samples", "1", "--max-epochs", "1", "--grace-epochs", "1", "--no-final",
+                    "--results", str(tmp_path / "r"), "--name", "fp", "--seed", "1")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"{kept['Training']} training images, {kept['PublicTest']} PublicTest images" in r.stdout
+    assert kept["PublicTest"] == 18  # 21 rows, 3 of them not faces
+    df = pd.read_csv(tmp_path / "r" / "fp" / "trials.csv")
+    assert len(df) == 1 and df["status"].iloc[0] == "COMPLETED" and "config/soft_labels" in df.columns
+    assert json.loads((tmp_path / "r" / "fp" / "settings.json").read_text())["labels"] == "ferplus"
+
+
+def test_unreachable_address_is_one_line(tmp_path, capsys):
+    from search.run import main
+
+    status = run_cli(main, ["--space", "convnet", "--data", "demo", "--address", "127.0.0.1:1",
+                            "--results", str(tmp_path / "r"), "--name", "x"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and err.startswith("error: cannot reach the Ray cluster at 127.0.0.1:1"), err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "r").exists()
 
 
 def test_search_on_real_fer2013(tmp_path, real_fer_csv):

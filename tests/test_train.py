@@ -141,16 +141,41 @@ def test_training_learns_demo_and_checkpoint_resumes(demo, one_thread):
     assert last["val_acc"] == pytest.approx(history[2]["val_acc"])
 
 
-def test_nan_loss_raises_diverged(demo):
+@pytest.mark.parametrize("kind", ["nan", "inf"])
+def test_non_finite_loss_raises_diverged(demo, kind):
     model = build_model("convnet", width=8)
     with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(math.nan)
+        if kind == "nan":
+            for p in model.parameters():
+                p.fill_(math.nan)
+        else:  # finite logits whose per-sample losses (3e38) sum past float32's range
+            model.head[-1].weight.zero_()
+            model.head[-1].bias.fill_(-1.5e38)
+            model.head[-1].bias[0] = 1.5e38
     opt = build_optimizer("sgd", model.parameters(), lr=0.1)
     sched = Schedule(opt, "constant", epochs=1, steps_per_epoch=1)
-    with pytest.raises(DivergedError):
+    with pytest.raises(DivergedError, match=f"training loss became {kind}"):
         train_one_epoch(model, opt, sched, to_device(demo.train, 7, torch.device("cpu")), batch_size=128,
                         augment=build_augment("none"), device=torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast and channels-last are the CUDA path; "
+                                                          "this machine has no GPU")
+def test_cuda_path_trains_in_bf16_channels_last(demo):
+    from trainables.augment import normalize
+    from trainables.device import autocast, prepare_batch
+
+    cuda = torch.device("cuda")
+    run = build_run({"width": 16, "batch_size": 64}, demo, epochs=1, device=cuda)
+    assert run.train.x.is_cuda and run.val.x.is_cuda  # the whole split lives on the GPU
+    conv = next(m for m in run.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = prepare_batch(run.train.x[:8], cuda)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    with autocast(cuda):
+        assert run.model(normalize(x)).dtype == torch.bfloat16
+    metrics = run_epoch(run)
+    assert math.isfinite(metrics["train_loss"]) and 0 <= metrics["val_acc"] <= 1
 
 
 def test_balanced_sampler_and_class_weights(demo):

@@ -8,7 +8,6 @@ after the driver was killed.
 """
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
@@ -19,39 +18,11 @@ from ray import tune
 
 from trainables.config import TrialConfig
 from trainables.data import FERData
+from trainables.faults import inject_faults
 from trainables.runner import build_run, run_epoch, run_state
 from trainables.train import DivergedError
 
 CHECKPOINT_FILE = "run.pt"
-# Test hooks, so that the failure paths are exercised for real through the CLI:
-# FER_INJECT_FAILURE="optimizer=sgd@1;optimizer=adam@1:once" raises at the start of epoch 1
-#   (0-based) in trials whose config matches, every time or only the first time;
-# FER_INJECT_NAN="optimizer=adamw" turns the weights of matching trials into NaN.
-_INJECT_FAILURE = "FER_INJECT_FAILURE"
-_INJECT_NAN = "FER_INJECT_NAN"
-
-
-def _matches(config: dict, spec: str) -> bool:
-    key, _, value = spec.partition("=")
-    return str(config.get(key)) == value
-
-
-def _inject_faults(config: dict, epoch: int, run) -> None:
-    for spec in filter(None, os.environ.get(_INJECT_FAILURE, "").split(";")):
-        cond, _, when = spec.partition("@")
-        at, _, mode = when.partition(":")
-        if _matches(config, cond) and epoch == int(at or 0):
-            marker = os.path.join(tune.get_context().get_trial_dir(), "injected_failure")
-            if mode == "once" and os.path.exists(marker):
-                continue
-            open(marker, "w").close()
-            raise RuntimeError(f"injected failure ({spec}) at epoch {epoch}")
-    nan = os.environ.get(_INJECT_NAN, "")
-    if nan and _matches(config, nan):
-        with torch.no_grad():
-            for p in run.model.parameters():
-                p.fill_(math.nan)
-
 
 def train_fer(config: dict, *, data: FERData, max_epochs: int, seed: int, threads: int = 1) -> None:
     """Train one trial: report PublicTest metrics and a checkpoint after every epoch."""
@@ -72,7 +43,7 @@ def train_fer(config: dict, *, data: FERData, max_epochs: int, seed: int, thread
         tune.report(last)
         return
     while run.epoch < max_epochs:
-        _inject_faults(config, run.epoch, run)
+        inject_faults(config, run.epoch, run, tune.get_context().get_trial_dir())
         try:
             metrics = run_epoch(run)
         except DivergedError as err:

@@ -24,7 +24,7 @@ def write_error_analysis(out: Path, model: str, full: dict, data: FERData, ttas:
     classes = data.classes
     write_csv(confusion_table(model, full, classes, ttas), out / "confusion_matrix.csv")
     plot_confusion({f"tta={t}": full[model, t]["confusion"] for t in ttas}, classes, out / "confusion_matrix.png",
-                   title=f"PrivateTest confusion of {model}")
+                   title=f"{data.test_name} confusion of {model}")
     m = full[model, ANALYSIS_TTA]
     pairs = confused_pairs(m["confusion"], classes)
     pairs.insert(0, "tta", ANALYSIS_TTA)
@@ -34,7 +34,7 @@ def write_error_analysis(out: Path, model: str, full: dict, data: FERData, ttas:
     shown = wrong.head(MISTAKES_SHOWN)
     captions = [f"row {r.row}\n{r.true} -> {r.predicted} {r.confidence:.0%}" for r in shown.itertuples()]
     plot_mistakes(data.test.x.numpy()[shown.index.to_numpy()], captions, out / "misclassified.png",
-                  title=f"most confident PrivateTest mistakes of {model} (tta={ANALYSIS_TTA})")
+                  title=f"most confident {data.test_name} mistakes of {model} (tta={ANALYSIS_TTA})")
     wrong.insert(0, "tta", ANALYSIS_TTA)
     wrong.insert(0, "model", model)
     write_csv(wrong, out / "misclassified.csv")
@@ -55,21 +55,25 @@ def write_visualisations(out: Path, runs: Sequence[FinalRun], data: FERData) -> 
     return best.name
 
 
-def write_readme(out: Path, s: Settings, model: str, epochs: int, ttas: Sequence[str]) -> None:
+def write_readme(out: Path, s: Settings, model: str, epochs: int, ttas: Sequence[str], *,
+                 test_name: str = "PrivateTest") -> None:
     """final/README.md: what each file holds and which model the error analysis describes."""
     write_text(out / "README.md", f"""# Final stage of {s.name}
 
-The top {s.final_top_k} configuration(s) of the search (by PublicTest accuracy) were retrained from
-scratch on the full Training split for {epochs} epoch(s) with seeds {seeds_of(s)}; each run kept
-its best PublicTest epoch. Everything below was measured once on PrivateTest, which the search
-never read. TTA modes: {', '.join(ttas)} (reported separately, never mixed).
+The top {s.final_top_k} configuration(s) of the search (by its objective, the best PublicTest
+accuracy of a trial) were retrained from scratch on the full Training split for {epochs} epoch(s)
+with seeds {seeds_of(s)} (never the search's own seed {s.seed}), a range-tested trial at the rate
+its range test found (column `lr`); each run kept its best PublicTest epoch. Everything below was
+measured once on {test_name}, which the search never read. TTA modes: {', '.join(ttas)}
+(reported separately, never mixed).
 
 - `metrics.csv`: one row per run and TTA mode (`kind` run), a `mean` and a sample `std` row per
   configuration and TTA mode, and the ensembles (`ensemble_all`: softmax average of every run;
   `ensemble_best`: of the best run per configuration by PublicTest). `val_acc` is the same
   model's PublicTest accuracy, `search_val_acc` the trial's during the search;
-  `accuracy_dedup` leaves out the `n_duplicates` PrivateTest images pixel-identical to a
-  Training image; F-beta uses beta={s.beta:g}.
+  `accuracy_dedup` leaves out the `n_duplicates` {test_name} images pixel-identical to a
+  Training image (`n_dup_training`) or a PublicTest image (`n_dup_publictest`, the split that
+  chose the models); F-beta uses beta={s.beta:g}.
 - `per_class.csv`: precision, recall, F-beta and support per class, per model and TTA mode.
 - `confusion_matrix.csv` / `.png`, `confused_pairs.csv`, `misclassified.csv` / `.png`: error
   analysis of **{model}**, the model with the best PublicTest accuracy without TTA; the pairs

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 
 from search.cli import Parser, run_cli
-from search.scoring import score_split
-from trainables.data import SPLITS, FERData, duplicate_mask, load_fer2013
+from search.scoring import DEDUP_COLUMNS, duplicate_masks, score_split
+from trainables.data import SPLITS, FERData, load_fer2013
 from trainables.device import pick_device
 from trainables.errors import UserError
 from trainables.inference import TTA_MODES, predict
@@ -27,14 +27,15 @@ from trainables.weights import load_weights
 # --------------------------------------------------------------------------- evaluation
 
 def load_eval_data(path: str, split: str, *, labels: str, ferplus: str | None, seed: int = 0) -> FERData:
-    """The split to evaluate, and Training too (to find the test images duplicated in it).
+    """The split to evaluate, and the splits before it (to find the images duplicated in them).
 
     `seed` must be the experiment's: an image folder without `val/` draws PublicTest from
     `train/` with it.
     """
     if split not in SPLITS:
         raise UserError(f"unknown split '{split}'; choose from {list(SPLITS)}")
-    return load_fer2013(path, splits=tuple({"Training", split}), labels=labels, ferplus_path=ferplus, seed=seed)
+    return load_fer2013(path, splits=SPLITS[: SPLITS.index(split) + 1], labels=labels, ferplus_path=ferplus,
+                        seed=seed)
 
 
 def format_metrics(rows: pd.DataFrame) -> str:
@@ -46,16 +47,16 @@ def evaluate_model(model: nn.Module, data: FERData, split: str, *, ttas: Sequenc
                    device: torch.device) -> tuple[pd.DataFrame, dict[str, dict]]:
     """Score `model` on `split` once per TTA mode: a table (one row per mode) and the full metrics per mode."""
     target = data.splits[split]
-    dup = duplicate_mask(target, data.train).numpy() if split != "Training" else None
+    dup = duplicate_masks(data, split)
     rows, full = [], {}
     for tta in ttas:
         probs = predict(model, target.x, device=device, tta=tta).numpy()
         m = score_split(probs, target, beta=beta, class_names=data.classes, duplicates=dup)
         full[tta] = m
-        rows.append({"split": split, "tta": tta, "n_images": m["n_images"],
+        shown = data.test_name if split == "PrivateTest" else split
+        rows.append({"split": shown, "tta": tta, "n_images": m["n_images"],
                      **{k: m[k] for k in SCALAR_METRICS},
-                     **({"accuracy_dedup": m["accuracy_dedup"], "n_duplicates": m["n_duplicates"]} if dup is not None
-                        else {})})
+                     **({k: m[k] for k in DEDUP_COLUMNS} if dup else {})})
     return pd.DataFrame(rows), full
 
 
@@ -101,7 +102,8 @@ def run_evaluate(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"{a.model} predicts {meta['num_classes']} classes but {a.data} has {len(data.classes)} "
                         f"({labels} labels)")
     table, full = evaluate_model(model, data, a.split, ttas=list(dict.fromkeys(a.tta)), beta=a.beta, device=device)
-    print(f"{a.model} on {a.data} {a.split} ({len(data.splits[a.split])} images, beta={a.beta:g})")
+    shown = data.test_name if a.split == "PrivateTest" else a.split
+    print(f"{a.model} on {a.data} {shown} ({len(data.splits[a.split])} images, beta={a.beta:g})")
     print_report(table, full, data.classes)
     return 0
 

@@ -9,13 +9,14 @@ from pathlib import Path
 import pandas as pd
 
 from trainables.files import write_csv
+from trainables.metrics import METRIC
 
 TUNE_DIR = "tune"  # Ray's storage for an experiment: results/<name>/tune/
 
 # Ray's statuses of trials an interrupted search left unfinished (--resume continues them). The
 # finished ones become COMPLETED, STOPPED, DIVERGED or ERROR; the README explains each.
 UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
-_LEADING = ["trial_id", "status", "val_acc", "epochs", "seconds", "node_id", "val_loss", "train_loss",
+_LEADING = ["trial_id", "status", "objective", "val_acc", "epochs", "seconds", "node_id", "val_loss", "train_loss",
             "train_acc", "images_per_s", "found_lr", "error"]
 
 
@@ -56,7 +57,8 @@ class TrialRecord:
 
     trial_id: str
     status: str
-    val_acc: float          # the best PublicTest accuracy it reported
+    objective: float        # the search objective it last reported (what Optuna was told)
+    val_acc: float          # the best PublicTest accuracy of its finite epochs
     epochs: int
     seconds: float
     node_id: str
@@ -70,7 +72,7 @@ class TrialRecord:
 
 
 def load_trials(experiment_dir: Path, max_epochs: int) -> list[TrialRecord]:
-    """Every trial of the experiment under `experiment_dir`, best PublicTest accuracy first (NaN last)."""
+    """Every trial of the experiment under `experiment_dir`, best objective first (NaN last)."""
     from ray.tune import ExperimentAnalysis  # Ray only where the experiment is read
 
     tune_dir = Path(experiment_dir) / TUNE_DIR
@@ -81,17 +83,18 @@ def load_trials(experiment_dir: Path, max_epochs: int) -> list[TrialRecord]:
     for trial in analysis.trials:
         results = _read_results(Path(trial.path)) if trial.path else []
         last = results[-1] if results else {}
-        epochs = max((r.get("epoch", 0) for r in results if not r.get("diverged")), default=0)
-        best = max((r.get("val_acc", math.nan) for r in results), default=math.nan)
+        finite = [r for r in results if not r.get("diverged")]
+        epochs = max((r.get("epoch", 0) for r in finite), default=0)
+        best = max((r.get("val_acc", math.nan) for r in finite), default=math.nan)
         records.append(TrialRecord(
             trial_id=trial.trial_id, status=_status(trial.status, last, epochs, max_epochs),
-            val_acc=best, epochs=epochs, seconds=last.get("seconds", math.nan),
+            objective=last.get(METRIC, math.nan), val_acc=best, epochs=epochs, seconds=last.get("seconds", math.nan),
             node_id=last.get("node_id", ""), val_loss=last.get("val_loss", math.nan),
             train_loss=last.get("train_loss", math.nan), train_acc=last.get("train_acc", math.nan),
             images_per_s=last.get("images_per_s", math.nan), found_lr=last.get("found_lr", math.nan),
             error=_error_text(trial) if trial.status == "ERROR" else last.get("error", ""),
             config=dict(trial.config)))
-    return sorted(records, key=lambda r: -r.val_acc if math.isfinite(r.val_acc) else math.inf)
+    return sorted(records, key=lambda r: -r.objective if math.isfinite(r.objective) else math.inf)
 
 
 def trials_table(records: list[TrialRecord]) -> pd.DataFrame:

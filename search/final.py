@@ -68,8 +68,9 @@ def run_final(settings: Settings, trials: Sequence[TrialRecord]) -> Path:
     analysed = choose_analysed(full, runs)
     write_error_analysis(out, analysed, full, data, ttas)
     write_visualisations(out, runs, data)
-    write_readme(out, s, analysed, epochs, ttas)
-    print(f"\nPrivateTest ({len(data.test)} images, {int(rows[0]['n_duplicates'])} duplicated in Training), "
+    write_readme(out, s, analysed, epochs, ttas, test_name=data.test_name)
+    print(f"\n{data.test_name} ({len(data.test)} images; {rows[0]['n_dup_training']} duplicated in Training, "
+          f"{rows[0]['n_dup_publictest']} in PublicTest), "
           f"{len(runs)} runs, {time.perf_counter() - start:.0f} s:")
     print_table(table)
     print(f"\nfinal results: {out} (error analysis of {analysed})")

@@ -40,6 +40,11 @@ class FinalRun:
     def name(self) -> str:
         return f"{self.candidate.name}-seed{self.seed}"
 
+    @property
+    def lr(self) -> float:
+        """The learning rate it trained at (a range-tested trial's found rate)."""
+        return self.candidate.config.lr
+
 
 # --------------------------------------------------------------------------- data (the protocol)
 
@@ -186,8 +191,12 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
 
 
 def seeds_of(s: Settings) -> list[int]:
-    """The seeds of the final runs: consecutive from the experiment's --seed."""
-    return [s.seed + i for i in range(s.final_seeds)]
+    """The seeds of the final runs: --seed+1, --seed+2, ... never the search's own --seed.
+
+    With the search's seed (and --train-fraction 1) the first final run would replay the very
+    trial that was chosen for its PublicTest score, and inherit that selection's luck.
+    """
+    return [s.seed + 1 + i for i in range(s.final_seeds)]
 
 
 def save_run(result: dict, cand: Candidate, seed: int, s: Settings, data: FERData, out: Path,

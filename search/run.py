@@ -88,6 +88,15 @@ def offers_weights(s: Settings) -> bool:
     return not missing
 
 
+def asha_rungs(s: Settings) -> list[int]:
+    """The epochs where ASHA compares trials (grace x 3^k below --max-epochs), and the last epoch."""
+    rungs, epoch = [], s.grace_epochs
+    while s.scheduler == "asha" and epoch < s.max_epochs:
+        rungs.append(epoch)
+        epoch *= 3
+    return [*rungs, s.max_epochs]
+
+
 def build_tuner(s: Settings, data: FERData, exp: Path, cluster: dict, *, offer_weights: bool = False):
     """The Tuner: OptunaSearch (TPE or random, seeded) + ASHA or FIFO, or the restored one with --resume."""
     import optuna
@@ -101,6 +110,7 @@ def build_tuner(s: Settings, data: FERData, exp: Path, cluster: dict, *, offer_w
     resources, concurrent = trial_resources(s, cluster)
     trainable = tune.with_resources(
         tune.with_parameters(train_fer, data=data, max_epochs=s.max_epochs, seed=s.seed,
+                             checkpoint_epochs=asha_rungs(s),
                              threads=s.cpus_per_trial), resources)
     storage = str(exp.resolve())
     if s.resume:
@@ -129,7 +139,7 @@ def build_tuner(s: Settings, data: FERData, exp: Path, cluster: dict, *, offer_w
 
 def print_summary(df, exp: Path) -> None:
     """The five best trials, and where everything was written."""
-    cols = [c for c in ["trial_id", "status", "val_acc", "epochs", "config/arch", "config/optimizer",
+    cols = [c for c in ["trial_id", "status", "objective", "epochs", "config/arch", "config/optimizer",
                         "config/lr", "config/augment"] if c in df.columns]
     print(df[cols].head(5).to_string(index=False))
     print(f"\ntrials: {exp / 'trials.csv'}\ntensorboard: tensorboard --logdir {exp}")

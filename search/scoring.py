@@ -21,18 +21,37 @@ from trainables.weights import load_weights
 # The error analysis (confused pairs, mistakes) is done without test-time augmentation.
 ANALYSIS_TTA = "none"
 KINDS = ("run", "mean", "std", "ensemble_all", "ensemble_best")
-METRIC_COLUMNS = ["kind", "config", "trial_id", "seed", "tta", "n_runs", "best_epoch", "val_acc", "search_val_acc",
-                  *SCALAR_METRICS, "accuracy_dedup", "n_duplicates", "n_images", "beta"]
+DEDUP_COLUMNS = ["accuracy_dedup", "n_duplicates", "n_dup_training", "n_dup_publictest"]
+METRIC_COLUMNS = ["kind", "config", "trial_id", "seed", "lr", "tta", "n_runs", "best_epoch", "val_acc",
+                  "search_val_acc", *SCALAR_METRICS, *DEDUP_COLUMNS, "n_images", "beta"]
+
+
+def duplicate_masks(data: FERData, split: str) -> dict[str, np.ndarray]:
+    """Per earlier split, which images of `split` are pixel-identical to one of its images.
+
+    PrivateTest is checked against Training (which fitted the weights) and PublicTest
+    (which chose the models); PublicTest against Training; Training against nothing.
+    """
+    earlier = {"PublicTest": ("Training",), "PrivateTest": ("Training", "PublicTest")}.get(split, ())
+    return {name: duplicate_mask(data.splits[split], data.splits[name]).numpy()
+            for name in earlier if name in data.splits}
 
 
 def score_split(probs: np.ndarray, split: Split, *, beta: float, class_names: Sequence[str],
-                duplicates: np.ndarray | None = None) -> dict:
-    """`classification_metrics` of `probs` on `split`, plus accuracy without the duplicates of Training."""
+                duplicates: dict[str, np.ndarray] | None = None) -> dict:
+    """`classification_metrics` of `probs` on `split`, plus accuracy without the duplicated images.
+
+    `duplicates` (from `duplicate_masks`) gives `n_dup_training` and `n_dup_publictest`, and
+    `accuracy_dedup` leaves out every image duplicated in either (`n_duplicates` of them).
+    """
     y = split.y.numpy()
     m = classification_metrics(y, probs, beta=beta, class_names=class_names)
-    if duplicates is not None:
-        m["n_duplicates"] = int(duplicates.sum())
-        m["accuracy_dedup"] = masked_accuracy(y, probs, ~duplicates)
+    if duplicates:
+        union = np.logical_or.reduce(list(duplicates.values()))
+        m["n_duplicates"] = int(union.sum())
+        for name in ("Training", "PublicTest"):
+            m[f"n_dup_{name.lower()}"] = int(duplicates[name].sum()) if name in duplicates else 0
+        m["accuracy_dedup"] = masked_accuracy(y, probs, ~union)
     return m
 
 
@@ -60,10 +79,10 @@ def ensemble_members(runs: Sequence[FinalRun]) -> dict[str, list[FinalRun]]:
 def score_models(runs: Sequence[FinalRun], probs: dict, data: FERData, *, ttas: Sequence[str],
                  beta: float) -> tuple[list[dict], dict[tuple[str, str], dict]]:
     """Score every run and ensemble on PrivateTest per TTA mode: metric rows, and each model's full metrics."""
-    dup = duplicate_mask(data.test, data.train).numpy()
+    dup = duplicate_masks(data, "PrivateTest")
     val_y = data.val.y.numpy()
     models = [(run.name, {"kind": "run", "config": run.candidate.name, "trial_id": run.candidate.trial_id,
-                          "seed": run.seed, "n_runs": 1, "best_epoch": run.best_epoch,
+                          "seed": run.seed, "lr": run.lr, "n_runs": 1, "best_epoch": run.best_epoch,
                           "search_val_acc": run.candidate.search_val_acc}, [run]) for run in runs]
     for kind, members in ensemble_members(runs).items():
         models.append((kind, {"kind": kind, "config": "+".join(r.name for r in members), "n_runs": len(members)},
@@ -77,8 +96,7 @@ def score_models(runs: Sequence[FinalRun], probs: dict, data: FERData, *, ttas: 
             m.update(val_acc=float((val.argmax(1) == val_y).mean()), probs=test)
             full[name, tta] = m
             rows.append({**ids, "tta": tta, "val_acc": m["val_acc"], **{k: m[k] for k in SCALAR_METRICS},
-                         "accuracy_dedup": m["accuracy_dedup"], "n_duplicates": m["n_duplicates"],
-                         "n_images": m["n_images"], "beta": beta})
+                         **{k: m[k] for k in DEDUP_COLUMNS}, "n_images": m["n_images"], "beta": beta})
     return rows, full
 
 
@@ -90,7 +108,8 @@ def summarize_seeds(rows: list[dict]) -> list[dict]:
     for (config, trial_id, tta), group in runs.groupby(["config", "trial_id", "tta"], sort=False):
         for kind, values in (("mean", group[numeric].mean()), ("std", group[numeric].std(ddof=1))):
             out.append({"kind": kind, "config": config, "trial_id": trial_id, "tta": tta, "n_runs": len(group),
-                        **values.to_dict(), "n_duplicates": group["n_duplicates"].iloc[0],
+                        **values.to_dict(), "lr": group["lr"].iloc[0],
+                        **{k: group[k].iloc[0] for k in DEDUP_COLUMNS[1:]},
                         "n_images": group["n_images"].iloc[0], "beta": group["beta"].iloc[0]})
     return out
 

@@ -369,6 +369,42 @@ def test_folder_with_val_dir(tmp_path: Path, val_name: str) -> None:
     assert np.array_equal(d.test.x[2].numpy(), image(3004))   # RGB file, converted to L
 
 
+def _kaggle_release(root: Path) -> Path:
+    """Kaggle's image release: the split lives in the file names, test/ holds both test splits."""
+    for label, emo in [(0, "angry"), (3, "happy")]:
+        for j in range(3):
+            save(root / "train" / emo / f"Training_{100 * label + j}.jpg", smooth(label * 10 + j))
+        save(root / "test" / emo / f"PublicTest_{500 + label}.png", image(5000 + label))
+        save(root / "test" / emo / f"privatetest_{700 + label}.png", image(7000 + label))  # any case
+    return root
+
+
+def test_folder_with_split_in_file_names(tmp_path: Path, capsys) -> None:
+    root = _kaggle_release(tmp_path / "k")
+    d = load_fer2013(root, splits=SPLITS)
+    assert d.test_name == "PrivateTest" and len(d.train) == 6
+    assert np.array_equal(d.val.x.numpy(), np.stack([image(5000), image(5003)]))
+    assert np.array_equal(d.test.x.numpy(), np.stack([image(7000), image(7003)]))
+    assert d.val.y.tolist() == [0, 3] and d.test.y.tolist() == [0, 3]
+    assert "note:" not in capsys.readouterr().err
+    # The search's load reads no PrivateTest pixels: a broken PrivateTest file is not noticed.
+    (root / "test" / "angry" / "privatetest_700.png").write_bytes(b"broken")
+    assert len(load_fer2013(root).val) == 2
+    with pytest.raises(UserError, match="privatetest_700.png: not a readable image"):
+        load_fer2013(root, splits=SPLITS)
+
+
+def test_folder_without_split_names_calls_its_test_split_test(tmp_path: Path, capsys) -> None:
+    d = load_fer2013(make_folder(tmp_path, per_class=3, val="val"), splits=SPLITS)
+    assert d.test_name == "test" and len(d.test) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("note:") and "not as PrivateTest" in err[0]
+    mixed = _kaggle_release(tmp_path / "m")
+    save(mixed / "test" / "happy" / "extra.png", image(9))
+    with pytest.raises(UserError, match="extra.png: some files under .* name their split"):
+        load_fer2013(mixed)
+
+
 def test_folder_test_dir_untouched_unless_requested(tmp_path: Path) -> None:
     root = make_folder(tmp_path, per_class=3)
     bad = root / "test" / "sad" / "broken.png"
@@ -492,15 +528,16 @@ def test_duplicate_mask_and_class_counts() -> None:
 FERPLUS_HEADER = "Usage,Image name,neutral,happiness,surprise,sadness,anger,disgust,fear,contempt,unknown,NF"
 # One row per SMALL_ROWS row: (image name, 10 votes); comments give the expected outcome.
 FERPLUS_ROWS = [
-    ("fer0000000.png", [6, 0, 0, 2, 1, 0, 0, 0, 1, 0]),   # 0: neutral
+    ("fer0000000.png", [5, 0, 0, 2, 1, 1, 1, 0, 0, 0]),   # 0: 5 of 10 is no majority, but without
+                                                          #    the single votes 5 of 7 is: neutral
     ("fer0000001.png", [0, 0, 0, 0, 0, 0, 0, 0, 0, 10]),  # 1: NF majority -> dropped
     ("", [0, 7, 0, 0, 0, 0, 0, 0, 0, 3]),                 # 2: empty name, happiness (join is by position)
-    ("fer0000001.png", [0, 0, 4, 4, 0, 0, 0, 0, 2, 0]),   # 3: repeated name; surprise/sadness tie -> surprise
+    ("fer0000001.png", [0, 0, 4, 4, 0, 0, 0, 0, 2, 0]),   # 3: repeated name; surprise/sadness tie -> dropped
     ("fer0000004.png", [1, 0, 0, 0, 0, 0, 0, 0, 6, 3]),   # 4: unknown majority -> dropped
     ("fer0000005.png", [0, 0, 0, 0, 0, 0, 0, 9, 0, 0]),   # 5: contempt (PublicTest)
-    ("fer0000006.png", [0, 0, 0, 0, 0, 5, 5, 0, 0, 0]),   # 6: disgust/fear tie -> disgust
+    ("fer0000006.png", [0, 0, 0, 0, 0, 5, 5, 0, 0, 0]),   # 6: disgust/fear, 5 of 10 -> dropped
     ("", [0, 0, 0, 0, 0, 0, 0, 0, 0, 10]),                # 7: PrivateTest, not a face
-    ("fer0000008.png", [0, 0, 0, 0, 0, 0, 3, 0, 0, 0]),   # 8: fear, only 3 votes
+    ("fer0000008.png", [0, 0, 0, 0, 0, 0, 3, 0, 0, 0]),   # 8: fear, only 3 votes, all of them
 ]
 
 
@@ -515,12 +552,12 @@ def test_ferplus_labels_by_row_position(small_csv: Path) -> None:
     write_ferplus(small_csv.parent / "fer2013new.csv")
     d = load_fer2013(small_csv, labels="ferplus", splits=SPLITS)
     assert d.classes == FERPLUS_CLASSES and d.num_classes == 8
-    assert d.train.rows.tolist() == [0, 2, 3] and d.train.y.tolist() == [0, 1, 2]
+    assert d.train.rows.tolist() == [0, 2] and d.train.y.tolist() == [0, 1]
     assert np.array_equal(d.train.x[1].numpy(), image(2))
-    assert d.val.rows.tolist() == [5, 6] and d.val.y.tolist() == [7, 5]
+    assert d.val.rows.tolist() == [5] and d.val.y.tolist() == [7]
     assert d.test.rows.tolist() == [8] and d.test.y.tolist() == [6]
-    assert d.train.soft.dtype == torch.float32 and d.train.soft.shape == (3, 8)
-    assert torch.allclose(d.train.soft[0], torch.tensor([6, 0, 0, 2, 1, 0, 0, 0]) / 9)
+    assert d.train.soft.dtype == torch.float32 and d.train.soft.shape == (2, 8)
+    assert torch.allclose(d.train.soft[0], torch.tensor([5, 0, 0, 2, 0, 0, 0, 0]) / 7)  # single votes dropped
     assert torch.allclose(d.test.soft[0], torch.eye(8)[6])
 
 
@@ -553,6 +590,7 @@ README_COUNTS = {   # README table: Angry, Disgust, Fear, Happy, Sad, Surprise, 
 }
 TOTAL = {name: sum(c) for name, c in README_COUNTS.items()}
 FIRST = {"Training": 0, "PublicTest": 28709, "PrivateTest": 32298}
+FERPLUS_MAJORITY = {"Training": 25060, "PublicTest": 3199, "PrivateTest": 3153}  # the README's counts
 
 
 @pytest.fixture(scope="module")
@@ -591,12 +629,14 @@ def test_real_ferplus(real_csv: Path) -> None:
     with open(REAL / "fer2013new.csv", newline="") as f:
         table = list(csv.reader(f))[1:]
     for name, split in d.splits.items():
-        expected = []   # an independent, plain-Python reading of the drop rule
+        expected = []   # an independent, plain-Python reading of Microsoft's majority rule
         for r in range(FIRST[name], FIRST[name] + TOTAL[name]):
-            votes = [int(v) for v in table[r][2:]]
-            if sum(votes[:8]) and max(votes[:8]) >= max(votes[8:]):
+            votes = [int(v) if int(v) > 1 else 0 for v in table[r][2:]]
+            top = max(votes)
+            if top > sum(votes) / 2 and votes.index(top) < 8:
                 expected.append(r)
         assert split.rows.tolist() == expected
+        assert len(split) == FERPLUS_MAJORITY[name]
         assert torch.allclose(split.soft.sum(1), torch.ones(len(split)))
         assert torch.equal(split.y, split.soft.argmax(1))
     kept = set(torch.cat([s.rows for s in d.splits.values()]).tolist())

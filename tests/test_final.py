@@ -31,7 +31,8 @@ from trainables.models import build_model
 from trainables.weights import load_weights, save_weights
 
 SIZES = {"Training": 210, "PublicTest": 70, "PrivateTest": 70}
-N_DUPLICATES = 10
+N_DUPLICATES = 10      # PrivateTest images copied from Training
+N_DUP_PUBLIC = 3       # and from PublicTest (the split that chose the models)
 # TPE seed whose first two convnet configs are cheap (searched LR, batch >= 128): the trials and
 # the retraining then take seconds. Another seed only makes this module slower, not wrong.
 SEARCH_SEED = "39"
@@ -55,6 +56,7 @@ def experiment(tmp_path_factory):
                      n_test=SIZES["PrivateTest"], seed=1)
     train, test = demo.train, demo.test
     test.x[:N_DUPLICATES] = train.x[:N_DUPLICATES]  # exact copies, as FER2013 has across splits
+    test.x[N_DUPLICATES:N_DUPLICATES + N_DUP_PUBLIC] = demo.val.x[:N_DUP_PUBLIC]
     _write_csv(root / "good.csv", demo, garbage_private=False)
     _write_csv(root / "bad.csv", demo, garbage_private=True)
     search = run_command("search.run", "--space", "convnet", "--data", str(root / "bad.csv"), "--num-samples", "2",
@@ -105,7 +107,7 @@ def test_search_never_reads_private_test_but_final_does(experiment):
 
 OUTPUTS = ["metrics.csv", "per_class.csv", "confusion_matrix.csv", "confusion_matrix.png", "confused_pairs.csv",
            "misclassified.csv", "misclassified.png", "kernels.png", "activations.png", "README.md"]
-RUNS = ["seed39", "seed40"]  # --final-seeds 2 counts up from the experiment's --seed
+RUNS = ["seed40", "seed41"]  # --final-seeds 2: --seed+1, --seed+2, never the search's own seed
 
 
 def test_final_writes_every_output(final_dir):
@@ -134,7 +136,9 @@ def test_metrics_csv_rows_and_numbers(final_dir):
     assert scored[rates].notna().all().all() and ((scored[rates] >= 0) & (scored[rates] <= 1)).all().all()
     assert (scored["accuracy"] <= scored["top2_accuracy"] + 1e-9).all()
     assert (scored["top2_accuracy"] <= scored["top3_accuracy"] + 1e-9).all()
-    assert (df["n_images"] == SIZES["PrivateTest"]).all() and (df["n_duplicates"] == N_DUPLICATES).all()
+    assert (df["n_images"] == SIZES["PrivateTest"]).all()
+    assert (df["n_dup_training"] == N_DUPLICATES).all() and (df["n_dup_publictest"] == N_DUP_PUBLIC).all()
+    assert (df["n_duplicates"] == N_DUPLICATES + N_DUP_PUBLIC).all()
     runs = df[df["kind"] == "run"]
     for tta in ttas:
         mean = df[(df["kind"] == "mean") & (df["tta"] == tta)].iloc[0]
@@ -146,11 +150,21 @@ def test_metrics_csv_rows_and_numbers(final_dir):
     best = plain.loc[plain["val_acc"].idxmax()]
     ens_best = df[(df["kind"] == "ensemble_best") & (df["tta"] == "none")].iloc[0]
     assert ens_best["accuracy"] == pytest.approx(best["accuracy"])
+    # Each run trained at its trial's rate: the one its range test found, or the searched one.
+    trials = pd.read_csv(experiment_dir(final_dir) / "trials.csv").set_index("trial_id")
+    for row in runs.itertuples():
+        trial = trials.loc[row.trial_id]
+        rate = trial["found_lr"] if trial["config/lr_mode"] == "range_test" else trial["config/lr"]
+        assert row.lr == pytest.approx(rate)
     # Reloaded weights score PublicTest exactly as the training run did at its kept epoch.
     for row in plain.itertuples():
         meta = json.loads((final_dir / "models" / f"{row.config}-seed{int(row.seed)}.json").read_text())
         assert row.val_acc == pytest.approx(meta["val_acc"], abs=1e-6)
         assert meta["val_acc"] == pytest.approx(max(h["val_acc"] for h in meta["history"]))
+
+
+def experiment_dir(final_dir):
+    return final_dir.parent
 
 
 def test_per_class_and_confusion_tables_add_up(final_dir):
@@ -243,11 +257,11 @@ def test_reloaded_weights_give_identical_predictions(tmp_path):
     assert meta["config"]["width"] == 16 and meta["num_classes"] == 7
 
 
-def _record(trial_id: str, status: str, val_acc: float, config: dict) -> TrialRecord:
+def _record(trial_id: str, status: str, objective: float, config: dict, found_lr: float = math.nan) -> TrialRecord:
     nan = math.nan
-    return TrialRecord(trial_id=trial_id, status=status, val_acc=val_acc, epochs=1, seconds=1.0, node_id="n",
-                       val_loss=nan, train_loss=nan, train_acc=nan, images_per_s=nan, found_lr=nan, error="",
-                       config=config)
+    return TrialRecord(trial_id=trial_id, status=status, objective=objective, val_acc=objective, epochs=1,
+                       seconds=1.0, node_id="n", val_loss=nan, train_loss=nan, train_acc=nan, images_per_s=nan,
+                       found_lr=found_lr, error="", config=config)
 
 
 def test_select_candidates_skips_failures_and_types_configs_once():
@@ -268,6 +282,14 @@ def test_select_candidates_skips_failures_and_types_configs_once():
     assert TrialConfig.from_dict({"soft_labels": "True"}).soft_labels is True
     with pytest.raises(UserError, match="unknown hyperparameter.*'widht'"):
         select_candidates([_record("f", "COMPLETED", 0.7, {"widht": 32})], 1)
+
+
+def test_a_range_tested_trial_is_retrained_at_the_rate_it_found():
+    found = _record("g", "COMPLETED", 0.7, {"lr_mode": "range_test", "optimizer": "adam"}, found_lr=3e-3)
+    searched = _record("h", "COMPLETED", 0.6, {"lr_mode": "searched", "lr": 0.02})
+    chosen = {c.trial_id: c.config for c in select_candidates([found, searched], 2)}
+    assert chosen["g"].lr == 3e-3 and chosen["g"].lr_mode == "searched"  # no second range test
+    assert chosen["h"].lr == 0.02 and chosen["h"].lr_mode == "searched"
 
 
 def test_training_tasks_are_handed_no_private_test(final_dir):
@@ -324,9 +346,9 @@ def test_final_overwrite_with_resource_overrides(final_dir, experiment, tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
     assert "x 1 seeds for 1 epochs" in r.stdout and "(1 CPU, 0.0 GPU each)" in r.stdout
     weights = sorted(p.name for p in (exp / "final" / "models").glob("*.pt"))
-    assert len(weights) == 1 and weights[0].endswith(f"-seed{SEARCH_SEED}.pt")  # seed 40's earlier run is gone
+    assert len(weights) == 1 and weights[0].endswith(f"-{RUNS[0]}.pt")  # the earlier second seed's run is gone
     metrics = pd.read_csv(exp / "final" / "metrics.csv")
-    assert set(metrics["tta"]) == {"none"} and (metrics[metrics["kind"] == "run"]["seed"] == int(SEARCH_SEED)).all()
+    assert set(metrics["tta"]) == {"none"} and (metrics[metrics["kind"] == "run"]["seed"] == int(SEARCH_SEED) + 1).all()
 
 
 def test_evaluate_split_and_beta(final_dir, experiment, capsys):

@@ -149,3 +149,33 @@ def test_tta_views_are_averaged(tta):
         torch.testing.assert_close(probs, flip)
     else:  # ten shifted crops: not the same numbers as the plain flip
         assert not torch.allclose(probs, flip)
+
+
+def test_scoring_never_autocasts(monkeypatch):
+    """Scores are fp32 on every device: predict must not enter torch.autocast (bf16 on CUDA)."""
+    from trainables.data import make_demo
+    from trainables.inference import predict
+    from trainables.models import build_model
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("predict entered torch.autocast")
+
+    monkeypatch.setattr(torch, "autocast", forbidden)
+    model = build_model("convnet", width=8, depth=2).eval()
+    probs = predict(model, make_demo(splits=["PublicTest"], n_val=14).val.x, tta="flip")
+    assert probs.dtype == torch.float32 and torch.allclose(probs.sum(1), torch.ones(14))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compares CPU and CUDA scores; this machine has no GPU")
+def test_cpu_and_cuda_scores_agree():
+    from trainables.data import make_demo
+    from trainables.inference import predict
+    from trainables.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", stem="stride").eval()
+    x = make_demo(splits=["PublicTest"], n_val=64).val.x
+    cpu = predict(model, x, device=torch.device("cpu"))
+    cuda = predict(model.to("cuda").to(memory_format=torch.channels_last), x, device=torch.device("cuda"))
+    assert torch.allclose(cpu, cuda, atol=2e-3)  # cuDNN may use TF32 convolutions: close, not equal
+    assert (cpu.argmax(1) == cuda.argmax(1)).float().mean() >= 0.98

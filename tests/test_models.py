@@ -178,3 +178,18 @@ def test_wrong_weights_file_is_refused(torch_home, tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="could not read"):
         build_model("resnet18", pretrained=True, weights_path=str(garbage))
+
+
+def test_frozen_backbone_keeps_its_batchnorm_statistics():
+    torch.manual_seed(0)
+    model = build_model("resnet18", stem="stride")
+    bn = model.backbone.bn1
+    set_backbone_frozen(model, True)
+    model.train()
+    before = bn.running_mean.clone()
+    model(torch.randn(8, 1, 48, 48) * 3 + 1)
+    assert torch.equal(bn.running_mean, before) and not bn.training and model.head.training
+    set_backbone_frozen(model, False)
+    model.train()
+    model(torch.randn(8, 1, 48, 48) * 3 + 1)
+    assert not torch.equal(bn.running_mean, before) and bn.training

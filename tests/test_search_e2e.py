@@ -46,7 +46,7 @@ def test_trials_csv_has_one_row_per_trial(demo_experiment):
     assert set(df["status"]) <= {"COMPLETED", "STOPPED"}
     assert df["val_acc"].between(0, 1).all() and df["epochs"].between(1, 3).all()
     assert (df["seconds"] > 0).all() and df["node_id"].str.len().gt(10).all()
-    assert df["val_acc"].is_monotonic_decreasing  # best first
+    assert df["objective"].is_monotonic_decreasing  # best first
 
 
 def test_asha_stops_trials_at_its_rungs(demo_experiment):
@@ -59,6 +59,23 @@ def test_asha_stops_trials_at_its_rungs(demo_experiment):
     at_rung = {tid: json.loads((exp / "tune" / f"trial_{tid}" / "result.json").read_text().splitlines()[0])
                ["val_acc"] for tid in df["trial_id"]}
     assert min(at_rung[t] for t in completed["trial_id"]) >= min(at_rung[t] for t in stopped["trial_id"])
+
+
+def test_optuna_asha_and_trials_csv_share_one_objective(demo_experiment):
+    """Optuna's value of every finished trial, ASHA-stopped ones included, is its trials.csv objective:
+    the best PublicTest accuracy over the epochs it ran (not its last epoch's)."""
+    exp, _ = demo_experiment
+    df = pd.read_csv(exp / "trials.csv")
+    with open(max(glob.glob(str(exp / "tune" / "searcher-state-*.pkl"))), "rb") as f:
+        study = pickle.load(f)["_ot_study"].trials
+    assert len(study) == N_DEMO and all(t.state.name == "COMPLETE" for t in study)
+    assert sorted(t.value for t in study) == sorted(df["objective"])
+    assert (df["objective"] == df["val_acc"]).all()  # nothing diverged: the objective is the best epoch
+    for tid in df["trial_id"]:
+        rows = [json.loads(line) for line in (exp / "tune" / f"trial_{tid}" / "result.json").read_text().splitlines()]
+        assert rows[-1]["objective"] == max(r["val_acc"] for r in rows)
+        assert [r["objective"] for r in rows] == sorted(r["objective"] for r in rows)  # what ASHA compared
+    assert df["objective"].is_monotonic_decreasing  # trials.csv is ranked by it
 
 
 def test_trials_ran_one_at_a_time(demo_experiment):

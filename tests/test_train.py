@@ -236,3 +236,26 @@ def test_weighted_loss_matches_hard_label_semantics():
     right, wrong = torch.zeros(1, 7), torch.zeros(1, 7)
     right[0, 3], wrong[0, 1] = 5.0, 5.0
     assert _loss(right, happy, heavy, 0.15) < _loss(wrong, happy, heavy, 0.15)
+
+
+def test_plateau_does_not_count_warm_up_epochs():
+    # Two warm-up epochs of flat accuracy, patience 1: without the rule both would count, and a
+    # cut would land the moment the warm-up ends.
+    lrs = _trace("plateau", epochs=5, steps=4, warmup_epochs=2, plateau_patience=1, plateau_factor=0.5)
+    assert lrs[8] == pytest.approx(1.0)  # the first step after the warm-up: full rate, no cut yet
+    assert lrs[12] == pytest.approx(0.5)  # one flat epoch after the warm-up: the first cut
+
+
+def test_resumed_run_reproduces_the_uninterrupted_one(demo, one_thread):
+    """Augmentation and dropout draw from torch's global RNG: the checkpoint carries it, so an
+    interrupted-and-resumed run gives the uninterrupted run's per-epoch PublicTest accuracy."""
+    cfg = {"width": 16, "batch_size": 64, "augment": "trivialaugment", "dropout": 0.3, "lr": 0.05}
+    straight = build_run(cfg, demo, epochs=3, seed=4)
+    expected = [run_epoch(straight)["val_acc"] for _ in range(3)]
+    first = build_run(cfg, demo, epochs=3, seed=4)
+    got = [run_epoch(first)["val_acc"]]
+    state = run_state(first)
+    torch.manual_seed(123)  # whatever a new worker process would start from
+    resumed = build_run(cfg, demo, epochs=3, seed=4, state=state)
+    got += [run_epoch(resumed)["val_acc"] for _ in range(2)]
+    assert got == expected

@@ -1,6 +1,7 @@
 """Inference: softmax probabilities with optional test-time augmentation, and PublicTest scoring.
 
-Used by every stage that scores a model: the per-epoch PublicTest evaluation of a trial,
+Scoring is always fp32 (training may use bf16 on CUDA), so a score is the same on any
+machine. Used by every stage that scores a model: the per-epoch PublicTest evaluation of a trial,
 the final stage and `search.evaluate`. Each TTA mode's views are averaged as
 probabilities; the modes are reported separately, never mixed.
 """
@@ -11,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trainables.augment import normalize
-from trainables.device import DeviceSplit, autocast, prepare_batch
+from trainables.device import DeviceSplit, prepare_batch
 from trainables.errors import UserError
 
 TTA_MODES = ("none", "flip", "tencrop")
@@ -44,8 +45,9 @@ def predict(model: nn.Module, x_uint8: torch.Tensor, *, batch_size: int = 512,
         probs = None
         views = _tta_views(x, tta)
         for view in views:
-            with autocast(device):
-                p = model(normalize(view)).float().softmax(1)
+            # fp32, never autocast: the same weights must score the same on a GPU task and on a
+            # CPU driver, or a table could not be reproduced elsewhere (training may be bf16).
+            p = model(normalize(view)).float().softmax(1)
             probs = p if probs is None else probs + p
         out.append((probs / len(views)).cpu())
     return torch.cat(out)

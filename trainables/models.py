@@ -56,6 +56,15 @@ class FerNet(nn.Module):
         self.input_size = input_size
         self.backbone = backbone
         self.head = head
+        self.backbone_frozen = False
+
+    def train(self, mode: bool = True) -> "FerNet":
+        """Train mode, except that a frozen backbone stays in eval mode, so that its BatchNorm
+        layers keep their (ImageNet) running statistics instead of drifting to the faces'."""
+        super().train(mode)
+        if mode and self.backbone_frozen:
+            self.backbone.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (self.input_size, self.input_size):
@@ -195,15 +204,17 @@ def build_model(
 
 
 def set_backbone_frozen(model: nn.Module, frozen: bool) -> None:
-    """Set requires_grad=False (frozen) or True on every parameter except the head's.
+    """Freeze (or unfreeze) everything but the head: no gradients, and BatchNorm statistics held.
 
-    Batch-norm running statistics still update in train mode; call `model.backbone.eval()`
-    as well if those should stay fixed too.
+    A frozen backbone's parameters get requires_grad=False and the backbone stays in eval
+    mode whenever the model trains (see `FerNet.train`).
     """
     head = {id(p) for p in model.head.parameters()}
     for p in model.parameters():
         if id(p) not in head:
             p.requires_grad_(not frozen)
+    model.backbone_frozen = frozen
+    model.train(model.training)
 
 
 def _weight_files(arch: str) -> list[str]:

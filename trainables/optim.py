@@ -124,8 +124,15 @@ class Schedule:
         self._apply()
 
     def step_epoch(self, val_acc: float) -> None:
-        """End of an epoch: `plateau` cuts the rate after `plateau_patience` epochs without a new best."""
+        """End of an epoch: `plateau` cuts the rate after `plateau_patience` epochs without a new best.
+
+        Epochs that end inside the warm-up are not counted: cuts counted there would all land
+        at once when the warm-up ends.
+        """
         if self.name != "plateau":
+            return
+        if self.step_count <= self.warmup_steps:  # an epoch of warm-up is no plateau, however flat
+            self.best = max(self.best, val_acc)
             return
         if val_acc > self.best + 1e-4:
             self.best, self.bad_epochs = val_acc, 0

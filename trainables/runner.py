@@ -139,10 +139,18 @@ def run_epoch(run: Run) -> dict[str, float]:
 
 
 def run_state(run: Run) -> dict:
-    """A checkpointable state: model, optimizer, schedule, epoch, the sampling RNG and the found rate."""
+    """A checkpointable state: model, optimizer, schedule, epoch, the found rate and every RNG.
+
+    The batch order comes from `run.generator`; augmentation and dropout draw from torch's
+    global generators (CPU, and CUDA where training runs there), so those are saved too: a
+    resumed run then draws exactly what the uninterrupted one would have.
+    """
+    rng = {"cpu": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.device)
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "schedule": run.schedule.state_dict(), "epoch": run.epoch,
-            "generator": run.generator.get_state(), "config": run.config.to_dict(),
+            "generator": run.generator.get_state(), "rng": rng, "config": run.config.to_dict(),
             "found_lr": run.found_lr}
 
 
@@ -153,5 +161,10 @@ def load_run_state(run: Run, state: dict) -> None:
     run.schedule.load_state_dict(state["schedule"])
     run.epoch = int(state["epoch"])
     run.generator.set_state(state["generator"])
+    rng = state.get("rng", {})
+    if "cpu" in rng:
+        torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and run.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], run.device)
     if state.get("found_lr") is not None:
         run.found_lr = float(state["found_lr"])

@@ -1,16 +1,16 @@
 """The Ray Tune trainable: the only module of `trainables` that talks to Ray.
 
 A plain function of `config`: it types the config once (`TrialConfig`), builds a `Run`
-(see `trainables.runner`), resumes
-from Ray's checkpoint when there is one, and reports once per epoch with a
-checkpoint, so a trial can be paused by ASHA, retried after a crash, or resumed
-after the driver was killed.
+(see `trainables.runner`), resumes from Ray's checkpoint when there is one, and reports
+once per epoch (with a checkpoint when one is due), so a trial can be retried after a
+crash or resumed after the driver was killed.
 """
 from __future__ import annotations
 
 import os
 import tempfile
 import time
+from typing import Sequence
 
 import ray
 import torch
@@ -19,18 +19,38 @@ from ray import tune
 from trainables.config import TrialConfig
 from trainables.data import FERData
 from trainables.faults import inject_faults
+from trainables.inference import evaluate
+from trainables.metrics import METRIC
 from trainables.runner import build_run, run_epoch, run_state
 from trainables.train import DivergedError
 
 CHECKPOINT_FILE = "run.pt"
+# A checkpoint is written when it costs at most this share of the training time since the last
+# one (every epoch for small models), and always at the epochs in `checkpoint_epochs` (ASHA's
+# rungs and the last epoch), so that saving never costs more than a few percent of a trial.
+CHECKPOINT_SHARE = 0.02
 
-def train_fer(config: dict, *, data: FERData, max_epochs: int, seed: int, threads: int = 1) -> None:
-    """Train one trial: report PublicTest metrics and a checkpoint after every epoch."""
+
+def checkpoint_due(epoch: int, save_cost: float | None, unsaved: float, checkpoint_epochs: Sequence[int]) -> bool:
+    """Whether to checkpoint after `epoch`: the first time (to learn the cost), at the epochs in
+    `checkpoint_epochs`, and whenever saving costs at most CHECKPOINT_SHARE of the `unsaved`
+    training seconds since the last checkpoint."""
+    return save_cost is None or epoch in checkpoint_epochs or save_cost <= CHECKPOINT_SHARE * unsaved
+
+
+def train_fer(config: dict, *, data: FERData, max_epochs: int, seed: int, threads: int = 1,
+              checkpoint_epochs: Sequence[int] = ()) -> None:
+    """Train one trial: report PublicTest metrics after every epoch, with a checkpoint when one is due.
+
+    The search objective (`trainables.metrics.METRIC`) is the best PublicTest accuracy so far;
+    a trial whose loss diverges reports the accuracy of the model it diverged to instead, so
+    neither ASHA nor Optuna credits it with the accuracy it had before blowing up.
+    """
     torch.set_num_threads(max(1, threads))
     start = time.perf_counter()
     state, best, last = None, 0.0, {}
     checkpoint = tune.get_checkpoint()
-    if checkpoint:  # a retry after a crash, ASHA resuming a paused trial, or --resume
+    if checkpoint:  # a retry after a crash, or --resume after the driver died
         with checkpoint.as_directory() as path:
             state = torch.load(os.path.join(path, CHECKPOINT_FILE), weights_only=True)
         best, last = float(state["best_val_acc"]), dict(state["metrics"])
@@ -42,22 +62,30 @@ def train_fer(config: dict, *, data: FERData, max_epochs: int, seed: int, thread
         # done: report that epoch again so the trial completes with its real result.
         tune.report(last)
         return
+    save_cost, unsaved = None, 0.0  # seconds one checkpoint takes; training seconds since the last
     while run.epoch < max_epochs:
         inject_faults(config, run.epoch, run, tune.get_context().get_trial_dir())
+        epoch_start = time.perf_counter()
         try:
             metrics = run_epoch(run)
         except DivergedError as err:
-            # A finite value keeps Optuna's model sane; `diverged` marks the trial in trials.csv.
-            tune.report({"val_acc": best, "best_val_acc": best, "diverged": 1, "error": str(err),
-                         "node_id": node, "seconds": time.perf_counter() - start})
+            diverged = evaluate(run.model, run.val)["val_acc"]  # what the trial ended with
+            tune.report({METRIC: diverged, "val_acc": diverged, "best_val_acc": best, "diverged": 1,
+                         "error": str(err), "node_id": node, "seconds": time.perf_counter() - start})
             return
         best = max(best, metrics["val_acc"])
-        metrics.update({"best_val_acc": best, "diverged": 0, "node_id": node,
+        metrics.update({METRIC: best, "best_val_acc": best, "diverged": 0, "node_id": node,
                         "seconds": time.perf_counter() - start})
         if run.found_lr is not None:
             metrics["found_lr"] = run.found_lr
-        with tempfile.TemporaryDirectory() as tmp:
-            state = run_state(run)
-            state.update({"best_val_acc": best, "metrics": metrics})
-            torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+        unsaved += time.perf_counter() - epoch_start
+        if checkpoint_due(run.epoch, save_cost, unsaved, checkpoint_epochs):
+            saving = time.perf_counter()
+            with tempfile.TemporaryDirectory() as tmp:
+                state = run_state(run)
+                state.update({"best_val_acc": best, "metrics": metrics})
+                torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+            save_cost, unsaved = time.perf_counter() - saving, 0.0
+        else:
+            tune.report(metrics)

@@ -50,10 +50,10 @@ def load_fer2013(path: str | os.PathLike, *, splits: Sequence[str] = SEARCH_SPLI
     (header `emotion,pixels,Usage`) is parsed once and cached as one `.npz` per split in
     `<file>.cache/` (or `~/.cache/fer-search/<sha1 of path>/` when that is not writable),
     keyed by the file's size and mtime. An image folder holds `train/<emotion>/*.png|jpg`,
-    `test/<emotion>/*` and optionally `val/` or `validation/`: Training is `train/`,
-    PublicTest is `val/` when present, else a stratified `val_fraction` slice of `train/`
-    drawn with `seed` (and removed from Training), and PrivateTest is `test/`; folder rows
-    number the files in (emotion, natural file name) order. `labels="ferplus"` replaces the
+    `test/<emotion>/*` and optionally `val/` or `validation/`: see `folders.load_folder`
+    (file names that carry the split, as in Kaggle's release, decide it; otherwise the
+    test split is named "test"); folder rows number the files in (emotion, natural file
+    name) order. `labels="ferplus"` replaces the
     7 FER2013 labels by the 8 FER+ classes from `ferplus_path` (default `fer2013new.csv`
     beside the CSV), see `ferplus.apply_ferplus`. Every data problem raises `UserError`.
     """
@@ -72,7 +72,8 @@ def load_fer2013(path: str | os.PathLike, *, splits: Sequence[str] = SEARCH_SPLI
         if labels == "ferplus":
             raise UserError(f"FER+ labels join by CSV row position, so they need fer2013.csv, "
                             f"not the image folder {path}")
-        return FERData(EMOTIONS, load_folder(src, names, val_fraction, seed), os.fspath(path))
+        loaded, test_name = load_folder(src, names, val_fraction, seed)
+        return FERData(EMOTIONS, loaded, os.fspath(path), test_name=test_name)
     loaded, n_rows = load_csv(src, names, cache)
     if labels == "ferplus":
         votes_path = Path(ferplus_path) if ferplus_path else src.with_name("fer2013new.csv")

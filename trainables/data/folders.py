@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,74 @@ from trainables.errors import UserError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def load_folder(root: Path, splits: tuple[str, ...], val_fraction: float, seed: int) -> dict[str, Split]:
-    """Load splits from `train/`, `val/`|`validation/` and `test/`; see load_fer2013 for the rules."""
+# Kaggle's image-folder release keeps FER2013's split only in its file names.
+SPLIT_PREFIXES = {"training_": "Training", "publictest_": "PublicTest", "privatetest_": "PrivateTest"}
+UNNAMED_TEST = "test"
+
+
+def load_folder(root: Path, splits: tuple[str, ...], val_fraction: float, seed: int) -> tuple[dict[str, Split], str]:
+    """Load splits from `train/`, `val/`|`validation/` and `test/`; returns them and the test split's name.
+
+    When the file names under `test/` carry FER2013's split (`PublicTest_<id>.jpg`,
+    `PrivateTest_<id>.jpg`, any case: Kaggle's image release), PublicTest and PrivateTest are
+    those files, exactly as with the CSV, and Training is `train/`. Otherwise Training is
+    `train/`, PublicTest `val/` (or a seeded, stratified `val_fraction` slice of `train/`) and
+    the test split is `test/`, named "test" in every output: nothing says it is PrivateTest.
+    """
     sub = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+    test_dir = sub.get("test")
+    named = _named_splits(test_dir) if test_dir is not None else None
+    if named is not None:
+        plan = _plan_named(sub, root, splits, named)
+        test_name = "PrivateTest"
+    else:
+        plan = _plan_unnamed(sub, root, splits, val_fraction, seed)
+        test_name = UNNAMED_TEST
+        if "PrivateTest" in splits:
+            print(f"note: the file names under {test_dir} do not say which FER2013 split they hold; "
+                  f"it is scored as '{UNNAMED_TEST}', not as PrivateTest", file=sys.stderr)
+    out = {}
+    for name in splits:
+        files, labels, rows = plan[name]
+        if not files:
+            raise UserError(f"split {name} has no rows in {root} (no images found)")
+        x = np.stack([_read_image(f) for f in files])
+        out[name] = Split(torch.from_numpy(x), torch.from_numpy(labels.astype(np.int64)),
+                          torch.from_numpy(np.asarray(rows, dtype=np.int64)))
+    return out, test_name
+
+
+def _named_splits(test_dir: Path) -> np.ndarray | None:
+    """The split of each file of `test/` (in `_list_images` order) when every name carries one, else None."""
+    files, _ = _list_images(test_dir)
+    found = [next((split for prefix, split in SPLIT_PREFIXES.items() if f.name.lower().startswith(prefix)), None)
+             for f in files]
+    if not files or all(split is None for split in found):
+        return None
+    if any(split is None for split in found):
+        bad = files[found.index(None)]
+        raise UserError(f"{bad}: some files under {test_dir} name their split (PublicTest_..., PrivateTest_...) "
+                        f"and this one does not; rename or remove it")
+    return np.array(found)
+
+
+def _plan_named(sub: dict[str, Path], root: Path, splits: tuple[str, ...], named: np.ndarray) -> dict:
+    """Training from train/, PublicTest and PrivateTest from test/ by file name (rows: the test/ order)."""
+    plan = {}
+    if "Training" in splits:
+        files, labels = _list_images(_need_dir(sub, "train", root))
+        plan["Training"] = (files, labels, np.arange(len(files)))
+    if {"PublicTest", "PrivateTest"} & set(splits):  # names only; pixels are read for the splits asked for
+        files, labels = _list_images(sub["test"])
+        for split in ("PublicTest", "PrivateTest"):
+            idx = np.flatnonzero(named == split)
+            plan[split] = ([files[i] for i in idx], labels[idx], idx)
+    return plan
+
+
+def _plan_unnamed(sub: dict[str, Path], root: Path, splits: tuple[str, ...], val_fraction: float,
+                  seed: int) -> dict:
+    """train/, val/ (or a slice of train/) and test/, as they are."""
     val_dir = sub.get("val") or sub.get("validation")
     plan: dict[str, tuple[list[Path], np.ndarray, np.ndarray]] = {}   # files, labels, rows
     if "Training" in splits or ("PublicTest" in splits and val_dir is None):
@@ -36,15 +102,7 @@ def load_folder(root: Path, splits: tuple[str, ...], val_fraction: float, seed: 
     if "PrivateTest" in splits:   # test/ is listed and opened only when asked for
         files, labels = _list_images(_need_dir(sub, "test", root))
         plan["PrivateTest"] = (files, labels, np.arange(len(files)))
-    out = {}
-    for name in splits:
-        files, labels, rows = plan[name]
-        if not files:
-            raise UserError(f"split {name} has no rows in {root} (no images found)")
-        x = np.stack([_read_image(f) for f in files])
-        out[name] = Split(torch.from_numpy(x), torch.from_numpy(labels.astype(np.int64)),
-                          torch.from_numpy(np.asarray(rows, dtype=np.int64)))
-    return out
+    return plan
 
 
 def _need_dir(sub: dict[str, Path], name: str, root: Path) -> Path:

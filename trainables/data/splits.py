@@ -60,11 +60,16 @@ class Split:
 
 @dataclass(frozen=True)
 class FERData:
-    """The loaded splits (keys among `SPLITS`), their class names and where they came from."""
+    """The loaded splits (keys among `SPLITS`), their class names and where they came from.
+
+    `test_name` is what outputs call the test split: "PrivateTest" when the source says
+    that is what it holds, "test" for an image folder whose `test/` may be something else.
+    """
 
     classes: tuple[str, ...]
     splits: dict[str, Split]
     source: str
+    test_name: str = "PrivateTest"
 
     def _get(self, name: str) -> Split:
         if name not in self.splits:

@@ -17,7 +17,8 @@ TUNE_DIR = "tune"  # Ray's storage for an experiment: results/<name>/tune/
 # finished ones become COMPLETED, STOPPED, DIVERGED or ERROR; the README explains each.
 UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
 _LEADING = ["trial_id", "status", "objective", "val_acc", "epochs", "seconds", "node_id", "val_loss", "train_loss",
-            "train_acc", "images_per_s", "found_lr", "error"]
+            "train_acc", "images_per_s", "found_lr", "range_test_images", "range_test_seconds",
+            "range_test_note", "error"]
 
 
 def _read_results(trial_dir: Path) -> list[dict]:
@@ -68,6 +69,9 @@ class TrialRecord:
     images_per_s: float
     found_lr: float
     error: str
+    range_test_images: float = math.nan    # images the LR range test trained on (0: skipped)
+    range_test_seconds: float = math.nan
+    range_test_note: str = ""              # why it was skipped, if it was
     config: dict = field(default_factory=dict)
 
 
@@ -93,6 +97,9 @@ def load_trials(experiment_dir: Path, max_epochs: int) -> list[TrialRecord]:
             train_loss=last.get("train_loss", math.nan), train_acc=last.get("train_acc", math.nan),
             images_per_s=last.get("images_per_s", math.nan), found_lr=last.get("found_lr", math.nan),
             error=_error_text(trial) if trial.status == "ERROR" else last.get("error", ""),
+            range_test_images=last.get("range_test_images", math.nan),
+            range_test_seconds=last.get("range_test_seconds", math.nan),
+            range_test_note=last.get("range_test_note", ""),
             config=dict(trial.config)))
     return sorted(records, key=lambda r: -r.objective if math.isfinite(r.objective) else math.inf)
 

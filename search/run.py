@@ -89,7 +89,10 @@ def offers_weights(s: Settings) -> bool:
 
 
 def asha_rungs(s: Settings) -> list[int]:
-    """The epochs where ASHA compares trials (grace x 3^k below --max-epochs), and the last epoch."""
+    """The epochs where ASHA compares trials (grace x 3^k below --max-epochs), and the last epoch.
+
+    The first is what a trial trains before it is first judged, which bounds its LR range test.
+    """
     rungs, epoch = [], s.grace_epochs
     while s.scheduler == "asha" and epoch < s.max_epochs:
         rungs.append(epoch)
@@ -110,7 +113,7 @@ def build_tuner(s: Settings, data: FERData, exp: Path, cluster: dict, *, offer_w
     resources, concurrent = trial_resources(s, cluster)
     trainable = tune.with_resources(
         tune.with_parameters(train_fer, data=data, max_epochs=s.max_epochs, seed=s.seed,
-                             checkpoint_epochs=asha_rungs(s),
+                             checkpoint_epochs=asha_rungs(s), range_test_epochs=asha_rungs(s)[0],
                              threads=s.cpus_per_trial), resources)
     storage = str(exp.resolve())
     if s.resume:

@@ -200,3 +200,21 @@ def test_search_on_real_fer2013(tmp_path, real_fer_csv):
     assert df["val_acc"].max() > 0.30  # PublicTest's majority class (happy) is 24.9%
     n_train = int(re.search(r"(\d+) training images, 3589 PublicTest images", r.stdout).group(1))
     assert abs(n_train - 5742) <= 4  # a stratified 20% of Training's 28,709
+
+
+def test_range_test_never_costs_more_than_a_tenth_of_the_trial(tmp_path):
+    """The issue's reproduction: DenseNet-121, batch 256, range test, on 141 demo images for 1 epoch.
+
+    Before the bound the test's floor of 30 steps made it see 7,680 images (54 epochs of the
+    trial's data); now it may see 10% of 141 and is skipped for the default rate, saying so.
+    """
+    r = run_command("search.run", "--space", "densenet", "--seed", "2", "--data", "demo", "--train-fraction", "0.1",
+                    "--num-samples", "2", "--max-epochs", "1", "--grace-epochs", "1", "--no-final",
+                    "--results", str(tmp_path), "--name", "d")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    n_train = int(re.search(r"(\d+) training images", r.stdout).group(1))
+    df = pd.read_csv(tmp_path / "d" / "trials.csv")
+    tested = df[df["config/lr_mode"] == "range_test"]
+    assert len(tested) == 2 and set(df["status"]) == {"COMPLETED"}
+    assert (tested["range_test_images"] <= 0.1 * n_train * 1).all()
+    assert tested["range_test_note"].str.contains("skipped").all() and (tested["found_lr"] > 0).all()

@@ -259,3 +259,31 @@ def test_resumed_run_reproduces_the_uninterrupted_one(demo, one_thread):
     resumed = build_run(cfg, demo, epochs=3, seed=4, state=state)
     got += [run_epoch(resumed)["val_acc"] for _ in range(2)]
     assert got == expected
+
+
+def test_range_test_is_bounded_by_the_trials_own_training():
+    from trainables.runner import RANGE_TEST_MIN_STEPS, RANGE_TEST_SHARE, plan_range_test
+
+    # A large batch on a tiny set (141 images, 1 epoch before the first rung): 14 images of
+    # budget, not even one batch of 256, so no range test and the default rate instead.
+    tiny = plan_range_test(141, 256, 1)
+    assert tiny["steps"] == 0 and tiny["images"] == 0 and "skipped" in tiny["note"]
+    # The full Training split, ASHA's first rung at epoch 2: at most 10% of 57,418 images.
+    for batch, steps in ((64, 89), (256, 22)):
+        full = plan_range_test(28709, batch, 2)
+        assert full["steps"] == steps and full["note"] == ""
+        assert full["images"] <= RANGE_TEST_SHARE * 28709 * 2
+    assert plan_range_test(28709, 32, 30)["steps"] == 100  # the ceiling
+    assert plan_range_test(28709, 256, 1)["steps"] == 0 < RANGE_TEST_MIN_STEPS  # 11 steps: too coarse
+
+
+def test_range_test_in_a_run_reports_its_cost_or_falls_back(demo):
+    from trainables.runner import FALLBACK_LR
+
+    small = build_run({"lr_mode": "range_test", "optimizer": "adam", "batch_size": 128, "width": 8}, demo,
+                      epochs=1)
+    assert small.found_lr == FALLBACK_LR["adam"] and small.range_test["images"] == 0
+    assert small.schedule.base_lrs == [FALLBACK_LR["adam"]]  # the run trains at the default rate
+    big = build_run({"lr_mode": "range_test", "batch_size": 16, "width": 8}, demo, epochs=5)
+    assert big.range_test["steps"] == 21 and big.range_test["images"] == 21 * 16  # 10% of 700 x 5 = 350
+    assert big.range_test["seconds"] > 0 and big.found_lr != FALLBACK_LR["sgd"]

@@ -7,6 +7,7 @@ measured is exactly what the final stage retrains. Nothing here imports Ray.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -26,6 +27,12 @@ from trainables.train import train_one_epoch
 
 IMBALANCE = ("none", "weighted_loss", "balanced_sampler")
 LR_MODES = ("searched", "range_test")
+# The LR range test of a trial costs at most this share of the images the trial trains on before
+# it is first judged, with a floor below which the curve is too coarse to read (20 points over
+# the swept 6.5 decades) and a ceiling (100 steps, plenty for a smooth curve).
+RANGE_TEST_SHARE, RANGE_TEST_MIN_STEPS, RANGE_TEST_MAX_STEPS = 0.10, 20, 100
+# The rate used when the budget allows no range test: the usual defaults of each optimizer.
+FALLBACK_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}
 
 
 @dataclass
@@ -46,6 +53,7 @@ class Run:
     epochs: int
     epoch: int = 0
     found_lr: float | None = None  # the LR range test's rate (lr_mode=range_test), else None
+    range_test: dict | None = None  # its cost: steps, images, seconds, and why it was skipped
 
 
 def model_from_config(config: TrialConfig | Mapping[str, Any], num_classes: int, *,
@@ -77,12 +85,33 @@ def _imbalance(mode: str, counts: torch.Tensor, y: torch.Tensor) -> tuple[torch.
     return None, None
 
 
+def plan_range_test(n_train: int, batch_size: int, planned_epochs: int) -> dict:
+    """The LR range test a run may afford: at most RANGE_TEST_SHARE of the images it plans to train on.
+
+    `planned_epochs` is what the trial will train before anyone judges it (its first ASHA
+    rung, or all its epochs without ASHA). At most RANGE_TEST_MAX_STEPS steps; below
+    RANGE_TEST_MIN_STEPS the curve is too coarse to read, so the test is skipped and the
+    optimizer's FALLBACK_LR is used. Returns steps (0 when skipped), images, seconds (0 until
+    run) and `note` (why it was skipped, else "").
+    """
+    budget = RANGE_TEST_SHARE * n_train * planned_epochs
+    steps = int(min(RANGE_TEST_MAX_STEPS, budget // batch_size))
+    if steps < RANGE_TEST_MIN_STEPS:
+        return {"steps": 0, "images": 0, "seconds": 0.0,
+                "note": f"range test skipped: {RANGE_TEST_SHARE:.0%} of {n_train} images x {planned_epochs} "
+                        f"epoch(s) allows {steps} steps of {batch_size}, under {RANGE_TEST_MIN_STEPS}; "
+                        f"default rate used"}
+    return {"steps": steps, "images": steps * batch_size, "seconds": 0.0, "note": ""}
+
+
 def build_run(config: TrialConfig | Mapping[str, Any], data: FERData, *, epochs: int,
-              device: torch.device | None = None, seed: int = 0, state: dict | None = None) -> Run:
+              device: torch.device | None = None, seed: int = 0, state: dict | None = None,
+              range_test_epochs: int | None = None) -> Run:
     """Turn a hyperparameter config into model, optimizer, schedule, augmentation and device data.
 
     With `state` (from `run_state`) the run continues where that one stopped; the LR range
-    test is not repeated, since the state carries the rate it found.
+    test is not repeated, since the state carries the rate it found. The range test's cost
+    is bounded by `plan_range_test` over `range_test_epochs` (default: `epochs`).
     """
     cfg = TrialConfig.of(config)
     if cfg.lr_mode not in LR_MODES:
@@ -99,14 +128,18 @@ def build_run(config: TrialConfig | Mapping[str, Any], data: FERData, *, epochs:
     class_weights = class_weights.to(device) if class_weights is not None else None
     generator = torch.Generator().manual_seed(seed)
     augment = build_augment(cfg.augment, magnitude=cfg.aug_magnitude, mix_alpha=cfg.mix_alpha, num_classes=nc)
-    lr, found_lr = cfg.lr, None
+    lr, found_lr, range_test = cfg.lr, None, None
     if cfg.lr_mode == "range_test" and state is None:
-        # 100 steps, but no more than about one epoch of this data set: on a small set
-        # (a demo, a tiny --train-fraction) the test must not cost more than the training.
-        steps = int(min(100, max(30, len(train) // cfg.batch_size)))
-        found_lr = lr_range_test(model, train, optimizer=cfg.optimizer, batch_size=cfg.batch_size,
-                                 weight_decay=cfg.weight_decay, momentum=cfg.momentum, augment=augment,
-                                 device=device, generator=generator, steps=steps)["suggested_lr"]
+        range_test = plan_range_test(len(train), cfg.batch_size, range_test_epochs or epochs)
+        if range_test["steps"]:
+            started = time.perf_counter()
+            found_lr = lr_range_test(model, train, optimizer=cfg.optimizer, batch_size=cfg.batch_size,
+                                     weight_decay=cfg.weight_decay, momentum=cfg.momentum, augment=augment,
+                                     device=device, generator=generator,
+                                     steps=range_test["steps"])["suggested_lr"]
+            range_test["seconds"] = time.perf_counter() - started
+        else:
+            found_lr = FALLBACK_LR.get(cfg.optimizer, cfg.lr)
         lr = found_lr
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr=lr, weight_decay=cfg.weight_decay,
                                 momentum=cfg.momentum)
@@ -116,7 +149,8 @@ def build_run(config: TrialConfig | Mapping[str, Any], data: FERData, *, epochs:
                         plateau_patience=cfg.plateau_patience, plateau_factor=cfg.plateau_factor)
     run = Run(config=cfg, model=model, optimizer=optimizer, schedule=schedule, augment=augment,
               train=train, val=val, device=device, class_weights=class_weights,
-              sample_weights=sample_weights, generator=generator, epochs=epochs, found_lr=found_lr)
+              sample_weights=sample_weights, generator=generator, epochs=epochs, found_lr=found_lr,
+              range_test=range_test)
     if state is not None:
         load_run_state(run, state)
     return run
@@ -151,7 +185,7 @@ def run_state(run: Run) -> dict:
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "schedule": run.schedule.state_dict(), "epoch": run.epoch,
             "generator": run.generator.get_state(), "rng": rng, "config": run.config.to_dict(),
-            "found_lr": run.found_lr}
+            "found_lr": run.found_lr, "range_test": run.range_test}
 
 
 def load_run_state(run: Run, state: dict) -> None:
@@ -168,3 +202,4 @@ def load_run_state(run: Run, state: dict) -> None:
         torch.cuda.set_rng_state(rng["cuda"], run.device)
     if state.get("found_lr") is not None:
         run.found_lr = float(state["found_lr"])
+    run.range_test = state.get("range_test")

@@ -31,6 +31,14 @@ CHECKPOINT_FILE = "run.pt"
 CHECKPOINT_SHARE = 0.02
 
 
+def _lr_figures(run) -> dict:
+    """The rate a range-tested run trains at, and what its range test cost (for trials.csv)."""
+    out = {} if run.found_lr is None else {"found_lr": run.found_lr}
+    if run.range_test is not None:
+        out.update({f"range_test_{k}": run.range_test[k] for k in ("images", "seconds", "note")})
+    return out
+
+
 def checkpoint_due(epoch: int, save_cost: float | None, unsaved: float, checkpoint_epochs: Sequence[int]) -> bool:
     """Whether to checkpoint after `epoch`: the first time (to learn the cost), at the epochs in
     `checkpoint_epochs`, and whenever saving costs at most CHECKPOINT_SHARE of the `unsaved`
@@ -39,7 +47,7 @@ def checkpoint_due(epoch: int, save_cost: float | None, unsaved: float, checkpoi
 
 
 def train_fer(config: dict, *, data: FERData, max_epochs: int, seed: int, threads: int = 1,
-              checkpoint_epochs: Sequence[int] = ()) -> None:
+              checkpoint_epochs: Sequence[int] = (), range_test_epochs: int | None = None) -> None:
     """Train one trial: report PublicTest metrics after every epoch, with a checkpoint when one is due.
 
     The search objective (`trainables.metrics.METRIC`) is the best PublicTest accuracy so far;
@@ -55,7 +63,8 @@ def train_fer(config: dict, *, data: FERData, max_epochs: int, seed: int, thread
             state = torch.load(os.path.join(path, CHECKPOINT_FILE), weights_only=True)
         best, last = float(state["best_val_acc"]), dict(state["metrics"])
         start -= float(state["metrics"]["seconds"])
-    run = build_run(TrialConfig.from_dict(config), data, epochs=max_epochs, seed=seed, state=state)
+    run = build_run(TrialConfig.from_dict(config), data, epochs=max_epochs, seed=seed, state=state,
+                    range_test_epochs=range_test_epochs)
     node = ray.get_runtime_context().get_node_id()
     if run.epoch >= max_epochs:
         # The driver died after this trial's last epoch was saved but before Tune marked it
@@ -71,13 +80,13 @@ def train_fer(config: dict, *, data: FERData, max_epochs: int, seed: int, thread
         except DivergedError as err:
             diverged = evaluate(run.model, run.val)["val_acc"]  # what the trial ended with
             tune.report({METRIC: diverged, "val_acc": diverged, "best_val_acc": best, "diverged": 1,
-                         "error": str(err), "node_id": node, "seconds": time.perf_counter() - start})
+                         "error": str(err), "node_id": node, "seconds": time.perf_counter() - start,
+                         **_lr_figures(run)})
             return
         best = max(best, metrics["val_acc"])
         metrics.update({METRIC: best, "best_val_acc": best, "diverged": 0, "node_id": node,
                         "seconds": time.perf_counter() - start})
-        if run.found_lr is not None:
-            metrics["found_lr"] = run.found_lr
+        metrics.update(_lr_figures(run))
         unsaved += time.perf_counter() - epoch_start
         if checkpoint_due(run.epoch, save_cost, unsaved, checkpoint_epochs):
             saving = time.perf_counter()

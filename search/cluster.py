@@ -5,6 +5,7 @@ trial and both see the same fault-injection hooks.
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
 from pathlib import Path
@@ -14,6 +15,7 @@ from trainables.errors import UserError
 from trainables.faults import INJECT_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+MEMORY_LIMIT_ENV = "FER_INJECT_MEMORY_LIMIT"  # GiB; see memory_limits
 
 
 def start_ray(s: Settings) -> dict:
@@ -70,3 +72,70 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
     except OSError as err:
         raise UserError(f"cannot reach the Ray cluster at {address} ({err.strerror or err}); start it with "
                         f"`ray up cluster.yaml`, or leave out --address for a local Ray instance") from None
+
+
+def tolerate_lost_workers() -> None:
+    """Make a trial whose worker Ray killed (out of memory, a lost node) fail alone, not the search.
+
+    Ray Tune's actor manager (ray 2.60) handles only RayActorError and RayTaskError from a
+    trial's actor; the OutOfMemoryError that Ray's memory monitor raises when it kills a
+    worker reaches the driver as "Caught unexpected exception" and ends the whole search with
+    a traceback. Here any other RayError is passed on as what it means for the trial, the
+    death of its actor, so Tune retries the trial under --max-failures and then records it
+    as ERROR with the reason. Patched once per process; a no-op if Ray renames the method.
+    """
+    import ray
+    from ray.air.execution._internal import actor_manager
+
+    original = getattr(actor_manager.RayActorManager, "_actor_task_failed", None)
+    if original is None or getattr(original, "tolerates_lost_workers", False):
+        return
+
+    def task_failed(self, tracked_actor_task, exception):
+        handled = (ray.exceptions.RayActorError, ray.exceptions.RayTaskError)
+        if isinstance(exception, ray.exceptions.RayError) and not isinstance(exception, handled):
+            reason = (str(exception).strip().splitlines() or [type(exception).__name__])[0]
+            exception = ray.exceptions.RayActorError(error_msg=f"{type(exception).__name__}: {reason}")
+        return original(self, tracked_actor_task, exception)
+
+    task_failed.tolerates_lost_workers = True
+    actor_manager.RayActorManager._actor_task_failed = task_failed
+
+
+def memory_limits(cluster_has_gpu: bool) -> dict[str, float]:
+    """What one trial may use at most: the largest live node's `memory` resource and, where this
+    machine has a GPU, that card's memory (a cluster's GPU workers are assumed alike)."""
+    import ray
+
+    limits = {"cpu": max((n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)}
+    if os.environ.get(MEMORY_LIMIT_ENV):  # test hook: pretend the largest node is this small
+        limits["cpu"] = min(limits["cpu"], float(os.environ[MEMORY_LIMIT_ENV]) * 2**30)
+    if cluster_has_gpu:
+        import torch
+
+        if torch.cuda.is_available():
+            limits["cuda"] = float(torch.cuda.get_device_properties(0).total_memory)
+    return limits
+
+
+def trial_request(config: dict, *, cpus: int, gpus: float, limits: dict[str, float], num_classes: int):
+    """Ray's resource request of one trial: its CPUs, a GPU share that holds its estimated GPU memory
+    (at least `gpus`), and its estimated host memory, so that Ray runs fewer trials at once rather
+    than overfilling a node. A trial too large for any node asks for at most what the largest has
+    (it then fails at once with its reason, see `trainables.memory.check_fits`)."""
+    from ray.tune.execution.placement_groups import PlacementGroupFactory
+
+    from trainables.errors import UserError
+    from trainables.memory import estimate_memory
+
+    bundle = {"CPU": cpus, "GPU": gpus}
+    try:
+        host = estimate_memory(config, num_classes, device="cpu" if not gpus else "cuda")["bytes"]
+        if gpus and limits.get("cuda"):
+            share = host / limits["cuda"]
+            bundle["GPU"] = min(1.0, max(gpus, math.ceil(share * 20) / 20))  # in steps of 5% of a card
+        elif limits.get("cpu"):
+            bundle["memory"] = min(host, limits["cpu"])
+    except UserError:  # a config the trial itself will reject, with its message
+        pass
+    return PlacementGroupFactory([{k: v for k, v in bundle.items() if v}])

@@ -1,6 +1,7 @@
 """Read a Ray Tune experiment folder back as `TrialRecord`s and write `trials.csv` (one row per trial)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -45,8 +46,11 @@ def _status(ray_status: str, last: dict, epochs: int, max_epochs: int) -> str:
 
 
 def _error_text(trial) -> str:
-    path = Path(trial.path or "") / "error.txt"
-    text = path.read_text() if path.exists() else str(getattr(trial, "error_file", "") or "")
+    text = ""
+    for path in (Path(trial.path or "") / "error.txt", Path(getattr(trial, "error_file", "") or "")):
+        if path.is_file():
+            text = path.read_text()
+            break
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     # The exception line is the last one of Ray's traceback; keep the CSV cell short and single-line.
     return lines[-1][:500] if lines else "failed"
@@ -82,21 +86,33 @@ def load_trials(experiment_dir: Path, max_epochs: int) -> list[TrialRecord]:
     tune_dir = Path(experiment_dir) / TUNE_DIR
     if not (tune_dir.exists() and any(tune_dir.glob("experiment_state-*.json"))):
         return []
-    analysis = ExperimentAnalysis(str(tune_dir.resolve()))
+    return records_of(ExperimentAnalysis(str(tune_dir.resolve())).trials, max_epochs)
+
+
+def records_of(trials, max_epochs: int, *, ray_status: dict[str, str] | None = None) -> list[TrialRecord]:
+    """`TrialRecord`s of Tune `Trial` objects (read back from disk, or live in the driver), best first.
+
+    `ray_status` overrides Tune's status of some trials (one that is finishing as a callback
+    runs still says RUNNING).
+    """
     records = []
-    for trial in analysis.trials:
+    for trial in trials:
+        status = (ray_status or {}).get(trial.trial_id, trial.status)
         results = _read_results(Path(trial.path)) if trial.path else []
+        live = getattr(trial, "last_result", None) or {}
+        if live.get("epoch") and live.get("training_iteration") not in [r.get("training_iteration") for r in results]:
+            results.append(live)  # reported, not yet flushed to result.json
         last = results[-1] if results else {}
         finite = [r for r in results if not r.get("diverged")]
         epochs = max((r.get("epoch", 0) for r in finite), default=0)
         best = max((r.get("val_acc", math.nan) for r in finite), default=math.nan)
         records.append(TrialRecord(
-            trial_id=trial.trial_id, status=_status(trial.status, last, epochs, max_epochs),
+            trial_id=trial.trial_id, status=_status(status, last, epochs, max_epochs),
             objective=last.get(METRIC, math.nan), val_acc=best, epochs=epochs, seconds=last.get("seconds", math.nan),
             node_id=last.get("node_id", ""), val_loss=last.get("val_loss", math.nan),
             train_loss=last.get("train_loss", math.nan), train_acc=last.get("train_acc", math.nan),
             images_per_s=last.get("images_per_s", math.nan), found_lr=last.get("found_lr", math.nan),
-            error=_error_text(trial) if trial.status == "ERROR" else last.get("error", ""),
+            error=_error_text(trial) if status == "ERROR" else last.get("error", ""),
             range_test_images=last.get("range_test_images", math.nan),
             range_test_seconds=last.get("range_test_seconds", math.nan),
             range_test_note=last.get("range_test_note", ""),
@@ -114,8 +130,14 @@ def trials_table(records: list[TrialRecord]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=_LEADING + sorted({k for r in rows for k in r} - set(_LEADING)))
 
 
-def export_trials(experiment_dir: Path, max_epochs: int) -> list[TrialRecord]:
-    """Write `<experiment_dir>/trials.csv` atomically and return the trials it holds."""
+def export_trials(experiment_dir: Path, max_epochs: int, *, failed: dict[str, str] | None = None) -> list[TrialRecord]:
+    """Write `<experiment_dir>/trials.csv` atomically and return the trials it holds.
+
+    `failed` (trial id -> error) marks trials that failed after Tune's last snapshot as ERROR.
+    """
     records = load_trials(experiment_dir, max_epochs)
+    if failed:
+        records = [dataclasses.replace(r, status="ERROR", error=r.error or failed[r.trial_id])
+                   if r.trial_id in failed else r for r in records]
     write_csv(trials_table(records), Path(experiment_dir) / "trials.csv")
     return records

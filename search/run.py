@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 
 from search.cli import run_cli
-from search.cluster import start_ray, trial_resources
+from search.cluster import memory_limits, start_ray, tolerate_lost_workers, trial_request, trial_resources
 from search.export import TUNE_DIR, UNFINISHED, TrialRecord, export_trials, trials_table
 from search.final import run_final
 from search.settings import Settings, parse_settings
@@ -100,7 +100,7 @@ def asha_rungs(s: Settings) -> list[int]:
     return [*rungs, s.max_epochs]
 
 
-def build_tuner(s: Settings, data: FERData, exp: Path, cluster: dict, *, offer_weights: bool = False):
+def build_tuner(s: Settings, data: FERData, exp: Path, cluster: dict, writer, *, offer_weights: bool = False):
     """The Tuner: OptunaSearch (TPE or random, seeded) + ASHA or FIFO, or the restored one with --resume."""
     import optuna
     from ray import tune
@@ -111,10 +111,16 @@ def build_tuner(s: Settings, data: FERData, exp: Path, cluster: dict, *, offer_w
     from trainables.tune_trainable import train_fer
 
     resources, concurrent = trial_resources(s, cluster)
+    limits = memory_limits(bool(resources["gpu"]))
+    print(f"memory for one trial: at most {limits['cpu'] / 2**30:.1f} GiB (the largest node's share for trials)"
+          + (f", {limits['cuda'] / 2**30:.1f} GiB per GPU" if "cuda" in limits else ""))
+    # Each trial asks Ray for the memory its configuration needs (see trainables.memory).
+    request = partial(trial_request, cpus=resources["cpu"], gpus=resources["gpu"], limits=limits,
+                      num_classes=data.num_classes)
     trainable = tune.with_resources(
         tune.with_parameters(train_fer, data=data, max_epochs=s.max_epochs, seed=s.seed,
                              checkpoint_epochs=asha_rungs(s), range_test_epochs=asha_rungs(s)[0],
-                             threads=s.cpus_per_trial), resources)
+                             threads=s.cpus_per_trial, memory_limit=limits), request)
     storage = str(exp.resolve())
     if s.resume:
         # Finished trials (errored ones included) stay as they are; unfinished ones continue.
@@ -136,7 +142,7 @@ def build_tuner(s: Settings, data: FERData, exp: Path, cluster: dict, *, offer_w
         run_config=tune.RunConfig(
             name=TUNE_DIR, storage_path=storage, verbose=1,
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=[writer]),
     )
 
 
@@ -157,19 +163,23 @@ def run_search(s: Settings) -> int:
     data = load_search_data(s)
     offer_weights = False if s.resume else offers_weights(s)  # a resumed search keeps its space
     cluster = start_ray(s)
+    tolerate_lost_workers()
     resources, concurrent = trial_resources(s, cluster)
     # settings.json records what the experiment ran with, not the flags' placeholders.
     s = dataclasses.replace(s, gpus_per_trial=resources["gpu"], max_concurrent=concurrent)
-    tuner = build_tuner(s, data, exp, cluster, offer_weights=offer_weights)
+    from search.tune_callbacks import TrialsCsvWriter
+
+    tuner = build_tuner(s, data, exp, cluster, TrialsCsvWriter(exp, s.max_epochs), offer_weights=offer_weights)
     write_text(exp / "settings.json", s.to_json())
     print(f"experiment {exp}: space {s.space}, {len(data.train)} training images, "
           f"{len(data.val)} PublicTest images, {s.num_samples} trials")
     started = time.monotonic()
+    failed: dict[str, str] = {}
     try:
-        tuner.fit()
+        failed = failed_trials(tuner.fit())
     except KeyboardInterrupt:  # a second Ctrl-C: Ray stops at once
         pass
-    trials = export_trials(exp, s.max_epochs)
+    trials = export_trials(exp, s.max_epochs, failed=failed)
     print_summary(trials_table(trials), exp)
     if _interrupted(trials, s, time.monotonic() - started):
         print(f"\nThe search was interrupted; finished trials are in {exp / 'trials.csv'}. To continue it, "
@@ -178,6 +188,20 @@ def run_search(s: Settings) -> int:
     if s.final:
         run_final(s, trials)
     return 0
+
+
+def failed_trials(results) -> dict[str, str]:
+    """Trial id -> error of every trial Tune's result grid says failed.
+
+    Tune's snapshot on disk can miss a failure that came last (it saves it at most every few
+    seconds), so the statuses read back from disk are corrected with these.
+    """
+    out = {}
+    for result in results:
+        if result.error is not None and result.path:
+            reason = (str(result.error).strip().splitlines() or ["failed"])[-1][:500]
+            out[Path(result.path).name.removeprefix("trial_")] = reason
+    return out
 
 
 def _interrupted(trials: list[TrialRecord], s: Settings, elapsed: float) -> bool:

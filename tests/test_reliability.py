@@ -146,6 +146,10 @@ def test_sigkill_then_resume_keeps_finished_trials(tmp_path):
         _kill(p)  # the driver and its local Ray die at once
     before = _finished_trials(exp)
     hung = _hung_trial(exp)
+    # trials.csv is written as trials finish, so a killed driver leaves it behind, current.
+    written = pd.read_csv(exp / "trials.csv")
+    completed = {f"trial_{t}" for t in written[written["status"] == "COMPLETED"]["trial_id"]}
+    assert len(completed) >= 2 and completed <= set(before)
     studied_before = {t.number: (t.params, t.value) for t in _study_trials(exp) if t.state.name == "COMPLETE"}
     assert len(studied_before) >= 2
 
@@ -177,3 +181,36 @@ def test_ctrl_c_exports_and_exits_130(tmp_path):
     assert f"--name c --results {tmp_path} --resume" in err and "Traceback" not in err
     df = pd.read_csv(exp / "trials.csv")
     assert len(df) >= 1 and df["status"].isin(["PENDING", "RUNNING", "PAUSED", "COMPLETED"]).all()
+
+
+def test_a_worker_killed_for_memory_costs_only_its_trial(tmp_path):
+    """Ray's memory monitor kills the sgd trial's worker (it holds half the machine's memory, over a
+    30% threshold): that trial is retried, then ERROR with the reason; the search finishes (exit 0)."""
+    total_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    env = {"RAY_memory_usage_threshold": "0.3", "RAY_memory_monitor_refresh_ms": "250",
+           "FER_INJECT_ALLOC": f"optimizer=sgd@0:{0.5 * total_gib:.1f}"}
+    r = run_command("search.run", *COMMON, "--num-samples", "3", "--max-concurrent", "1", "--max-epochs", "1",
+                    "--results", str(tmp_path), "--name", "m", env=env)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
+    df = pd.read_csv(tmp_path / "m" / "trials.csv")
+    assert len(df) == 3
+    sgd = df[df["config/optimizer"] == "sgd"].iloc[0]
+    assert sgd["status"] == "ERROR" and "OutOfMemoryError" in sgd["error"] and "killed" in sgd["error"]
+    assert set(df[df["config/optimizer"] != "sgd"]["status"]) == {"COMPLETED"}
+
+
+def test_a_trial_that_cannot_fit_fails_alone_with_its_reason(tmp_path):
+    # Seed 2 draws ResNet-50 (stride, batch 64), ResNet-18 (stride, 128), ResNet-101 (keep, 256);
+    # with the largest node taken as 2 GiB only the ResNet-18 (about 1.8 GiB estimated) fits.
+    r = run_command("search.run", "--space", "resnet", "--seed", "2", "--data", "demo", "--train-fraction", "0.05",
+                    "--num-samples", "3", "--max-epochs", "1", "--grace-epochs", "1", "--no-final",
+                    "--results", str(tmp_path), "--name", "n", env={"FER_INJECT_MEMORY_LIMIT": "2"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]  # (Ray logs each failed trial's traceback)
+    df = pd.read_csv(tmp_path / "n" / "trials.csv").set_index("config/arch")
+    assert df.loc["resnet18", "status"] == "COMPLETED"
+    for arch in ("resnet50", "resnet101"):
+        assert df.loc[arch, "status"] == "ERROR" and df.loc[arch, "epochs"] == 0
+        error = df.loc[arch, "error"]
+        assert "TrialDoesNotFit: needs" in error and "the largest node has 2.0 GiB" in error
+    failed = [t for t in _study_trials(tmp_path / "n") if t.state.name == "FAIL"]
+    assert len(failed) == 2  # Optuna was told they failed

@@ -17,8 +17,10 @@ import torch
 #   or only the first N times (":once" is ":1"), so retries can be counted;
 # FER_INJECT_DIVERGE="optimizer=adamw@1:nan;optimizer=sgd@0:inf" makes the training loss NaN
 #   (weights set to NaN) or infinite (finite losses whose sum overflows float32);
-# FER_INJECT_HANG="optimizer=sgd@1" blocks before that epoch (a trial to kill mid-run).
-INJECT_ENV = ("FER_INJECT_FAILURE", "FER_INJECT_DIVERGE", "FER_INJECT_HANG")
+# FER_INJECT_HANG="optimizer=sgd@1" blocks before that epoch (a trial to kill mid-run);
+# FER_INJECT_ALLOC="optimizer=sgd@0:12" allocates and touches that many GiB and holds them for
+#   a minute (a trial for Ray's memory monitor to kill).
+INJECT_ENV = ("FER_INJECT_FAILURE", "FER_INJECT_DIVERGE", "FER_INJECT_HANG", "FER_INJECT_ALLOC")
 
 
 def _injections(name: str, config: dict, epoch: int) -> list[tuple[str, str]]:
@@ -56,3 +58,7 @@ def inject_faults(config: dict, epoch: int, run, trial_dir: str) -> None:
                     p.fill_(math.nan)
     if _injections("FER_INJECT_HANG", config, epoch):
         time.sleep(3600)
+    for _, arg in _injections("FER_INJECT_ALLOC", config, epoch):
+        held = torch.ones(int(float(arg) * 2**30 // 4), dtype=torch.float32)  # ones: every page touched
+        time.sleep(60)
+        del held

@@ -20,6 +20,7 @@ from trainables.config import TrialConfig
 from trainables.data import FERData
 from trainables.faults import inject_faults
 from trainables.inference import evaluate
+from trainables.memory import check_fits
 from trainables.metrics import METRIC
 from trainables.runner import build_run, run_epoch, run_state
 from trainables.train import DivergedError
@@ -47,7 +48,8 @@ def checkpoint_due(epoch: int, save_cost: float | None, unsaved: float, checkpoi
 
 
 def train_fer(config: dict, *, data: FERData, max_epochs: int, seed: int, threads: int = 1,
-              checkpoint_epochs: Sequence[int] = (), range_test_epochs: int | None = None) -> None:
+              checkpoint_epochs: Sequence[int] = (), range_test_epochs: int | None = None,
+              memory_limit: dict[str, float] | None = None) -> None:
     """Train one trial: report PublicTest metrics after every epoch, with a checkpoint when one is due.
 
     The search objective (`trainables.metrics.METRIC`) is the best PublicTest accuracy so far;
@@ -55,6 +57,9 @@ def train_fer(config: dict, *, data: FERData, max_epochs: int, seed: int, thread
     neither ASHA nor Optuna credits it with the accuracy it had before blowing up.
     """
     torch.set_num_threads(max(1, threads))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # Before any allocation: a trial that cannot fit fails here, with its reason, not by the OOM killer.
+    check_fits(config, (memory_limit or {}).get(device), num_classes=data.num_classes, device=device)
     start = time.perf_counter()
     state, best, last = None, 0.0, {}
     checkpoint = tune.get_checkpoint()

@@ -28,9 +28,12 @@ def test_a_trial_that_cannot_fit_is_refused_with_its_reason():
     check_fits(config, None)  # no limit known: no error
 
 
-@pytest.mark.parametrize("config", [{"arch": "convnet", "batch_size": 64},
-                                    {"arch": "resnet18", "stem": "stride", "batch_size": 64}])
+@pytest.mark.parametrize("config", [{"arch": "resnet50", "stem": "stride", "batch_size": 128},
+                                    {"arch": "densenet121", "stem": "stride", "batch_size": 64}])
 def test_estimate_within_tolerance_of_the_measured_peak(config):
-    """Two training steps in a fresh process; the README states the error over the whole grid."""
+    """Two training steps in a fresh process; the README states the error over the whole grid.
+
+    Models of 3-4 GiB: resident memory also counts shared-library pages, which were seen to vary
+    by up to 0.7 GiB between runs, and that would swamp the 1.2 GiB of a small ConvNet."""
     ratio = estimate_memory(config)["bytes"] / measure_peak(config)
     assert 0.75 <= ratio <= 1.5, ratio

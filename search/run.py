@@ -100,7 +100,8 @@ def asha_rungs(s: Settings) -> list[int]:
     return [*rungs, s.max_epochs]
 
 
-def build_tuner(s: Settings, data: FERData, exp: Path, cluster: dict, writer, *, offer_weights: bool = False):
+def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurrent: int, writer, *,
+                offer_weights: bool = False):
     """The Tuner: OptunaSearch (TPE or random, seeded) + ASHA or FIFO, or the restored one with --resume."""
     import optuna
     from ray import tune
@@ -110,16 +111,16 @@ def build_tuner(s: Settings, data: FERData, exp: Path, cluster: dict, writer, *,
 
     from trainables.tune_trainable import train_fer
 
-    resources, concurrent = trial_resources(s, cluster)
     limits = memory_limits(bool(resources["gpu"]))
     print(f"memory for one trial: at most {limits['cpu'] / 2**30:.1f} GiB (the largest node's share for trials)"
           + (f", {limits['cuda'] / 2**30:.1f} GiB per GPU" if "cuda" in limits else ""))
     # Each trial asks Ray for the memory its configuration needs (see trainables.memory).
     request = partial(trial_request, cpus=resources["cpu"], gpus=resources["gpu"], limits=limits,
                       num_classes=data.num_classes)
+    rungs = asha_rungs(s)
     trainable = tune.with_resources(
         tune.with_parameters(train_fer, data=data, max_epochs=s.max_epochs, seed=s.seed,
-                             checkpoint_epochs=asha_rungs(s), range_test_epochs=asha_rungs(s)[0],
+                             checkpoint_epochs=rungs, range_test_epochs=rungs[0],
                              threads=s.cpus_per_trial, memory_limit=limits), request)
     storage = str(exp.resolve())
     if s.resume:
@@ -169,7 +170,8 @@ def run_search(s: Settings) -> int:
     s = dataclasses.replace(s, gpus_per_trial=resources["gpu"], max_concurrent=concurrent)
     from search.tune_callbacks import TrialsCsvWriter
 
-    tuner = build_tuner(s, data, exp, cluster, TrialsCsvWriter(exp, s.max_epochs), offer_weights=offer_weights)
+    tuner = build_tuner(s, data, exp, resources, concurrent, TrialsCsvWriter(exp, s.max_epochs),
+                        offer_weights=offer_weights)
     write_text(exp / "settings.json", s.to_json())
     print(f"experiment {exp}: space {s.space}, {len(data.train)} training images, "
           f"{len(data.val)} PublicTest images, {s.num_samples} trials")

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from trainables.config import TrialConfig
+from trainables.models import forward_with_hooks
 from trainables.runner import model_from_config
 
 GIB = 2**30
@@ -65,13 +66,7 @@ def layer_outputs(model: nn.Module) -> int:
             kept.append(output)
 
     model.eval()  # a batch of one: BatchNorm must not need batch statistics
-    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_hooks(model, x, [m for m in model.modules() if not list(m.children())], count)
     return total
 
 

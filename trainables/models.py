@@ -217,6 +217,17 @@ def set_backbone_frozen(model: nn.Module, frozen: bool) -> None:
     model.train(model.training)
 
 
+def forward_with_hooks(model: nn.Module, x: torch.Tensor, modules, hook) -> None:
+    """Run `model(x)` without gradients with forward `hook` on each of `modules`, removed afterwards."""
+    hooks = [m.register_forward_hook(hook) for m in modules]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def _weight_files(arch: str) -> list[str]:
     """torchvision's cache file names for `arch`, its default weights first."""
     if arch not in _TORCHVISION:

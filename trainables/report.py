@@ -94,18 +94,13 @@ def plot_kernels(model: "torch.nn.Module", path: str | os.PathLike, *, title: st
 def _deepest_spatial_conv(model: "torch.nn.Module", x: "torch.Tensor", min_side: int = 6):
     """The deepest Conv2d whose output is still at least `min_side` pixels wide: coarse enough to be
     semantic, fine enough to show *where* on the face it fires."""
-    import torch
     import torch.nn as nn
 
+    from trainables.models import forward_with_hooks
+
     sizes: list[tuple[nn.Module, int]] = []
-    hooks = [m.register_forward_hook(lambda mod, _, out: sizes.append((mod, out.shape[-1])))
-             for m in model.modules() if isinstance(m, nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_hooks(model, x, [m for m in model.modules() if isinstance(m, nn.Conv2d)],
+                       lambda mod, _, out: sizes.append((mod, out.shape[-1])))
     wide = [mod for mod, side in sizes if side >= min_side]
     return wide[-1] if wide else sizes[0][0]
 

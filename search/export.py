@@ -18,7 +18,7 @@ TUNE_DIR = "tune"  # Ray's storage for an experiment: results/<name>/tune/
 # finished ones become COMPLETED, STOPPED, DIVERGED or ERROR; the README explains each.
 UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
 _LEADING = ["trial_id", "status", "objective", "val_acc", "epochs", "seconds", "node_id", "val_loss", "train_loss",
-            "train_acc", "images_per_s", "found_lr", "range_test_images", "range_test_seconds",
+            "train_acc", "images_per_s", "epoch_seconds", "found_lr", "range_test_images", "range_test_seconds",
             "range_test_note", "error"]
 
 
@@ -76,6 +76,7 @@ class TrialRecord:
     range_test_images: float = math.nan    # images the LR range test trained on (0: skipped)
     range_test_seconds: float = math.nan
     range_test_note: str = ""              # why it was skipped, if it was
+    epoch_seconds: float = math.nan        # wall seconds of its last epoch (Tune's time_this_iter_s)
     config: dict = field(default_factory=dict)
 
 
@@ -116,6 +117,7 @@ def records_of(trials, max_epochs: int, *, ray_status: dict[str, str] | None = N
             range_test_images=last.get("range_test_images", math.nan),
             range_test_seconds=last.get("range_test_seconds", math.nan),
             range_test_note=last.get("range_test_note", ""),
+            epoch_seconds=last.get("time_this_iter_s", math.nan),
             config=dict(trial.config)))
     return sorted(records, key=lambda r: -r.objective if math.isfinite(r.objective) else math.inf)
 

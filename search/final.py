@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Sequence
 
 from search.analysis import print_table, write_error_analysis, write_readme, write_visualisations
+from search.budget import Clock, Measured, TimeSplit, full_epoch_seconds, plan_final
 from search.candidates import select_candidates
 from search.cli import Parser, run_cli
+from search.cluster import trial_resources
 from search.export import TrialRecord, load_trials
 from search.retrain import load_final_data, retrain_all
 from search.scoring import ANALYSIS_TTA, choose_analysed, metrics_table, per_class_table, predict_runs, score_models
@@ -41,10 +43,44 @@ def clear_outputs(out: Path) -> None:
         shutil.rmtree(out / sub, ignore_errors=True)
 
 
-def run_final(settings: Settings, trials: Sequence[TrialRecord]) -> Path:
+def fit_to_budget(s: Settings, trials: Sequence[TrialRecord], clock: Clock, data, ttas: Sequence[str],
+                  split: TimeSplit | None) -> tuple[Settings, float]:
+    """The final stage's top-k, seeds and epochs cut to the time left, and the deadline of its runs.
+
+    Sized from the per-epoch times the search measured for its best trials (see `search.budget`);
+    a UserError when not one epoch of the best configuration fits.
+    """
+    import ray
+
+    cluster = ray.cluster_resources() if ray.is_initialized() else {"CPU": 1}
+    _, slots = trial_resources(dataclasses.replace(s, num_samples=s.final_top_k * s.final_seeds), cluster)
+    by_id = {t.trial_id: t for t in trials}
+    ranked = select_candidates(trials, s.final_top_k)
+    n_search = round(len(data.train) * s.train_fraction)
+    times = [full_epoch_seconds(Measured.of(by_id[c.trial_id]), n_search, len(data.train)) for c in ranked]
+    left = clock.left()
+    plan = plan_final(times, slots=slots, top_k=s.final_top_k, seeds=s.final_seeds, epochs=s.final_epochs,
+                      seconds=left, n_full=len(data.train), n_test=len(data.test), ttas=len(ttas))
+    if plan is None:
+        raise UserError(f"the time budget leaves {left:.0f} s for the final stage, not enough for one epoch of the "
+                        f"best configuration (about {times[0]:.0f} s on the full Training split); the search's "
+                        f"results are kept: run python -m search.final {s.experiment_dir} to finish without a budget")
+    print(f"final stage within the time budget: {left:.0f} s left, so {plan.top_k} configurations x {plan.seeds} "
+          f"seeds x {plan.epochs} epochs ({slots} at once; estimated {plan.seconds:.0f} s; "
+          f"wanted {s.final_top_k} x {s.final_seeds} x {s.final_epochs})", flush=True)
+    if split:
+        split.final_reserved, split.plan = left, {"top_k": plan.top_k, "seeds": plan.seeds, "epochs": plan.epochs,
+                                                  "estimated_seconds": round(plan.seconds, 1)}
+    s = dataclasses.replace(s, final_top_k=plan.top_k, final_seeds=plan.seeds, final_epochs=plan.epochs)
+    return s, clock.deadline - plan.eval_seconds
+
+
+def run_final(settings: Settings, trials: Sequence[TrialRecord], *, clock: Clock | None = None,
+              split: TimeSplit | None = None) -> Path:
     """Retrain the top configurations of `trials` and evaluate them on PrivateTest; returns the output folder.
 
-    Each TTA mode in `settings.final_tta` gets its own rows.
+    Each TTA mode in `settings.final_tta` gets its own rows. With `clock` (--time-budget) the
+    stage is cut to the time left and every run stops after the last epoch that fits.
     """
     s = settings
     out = s.experiment_dir / FINAL_DIR
@@ -52,12 +88,17 @@ def run_final(settings: Settings, trials: Sequence[TrialRecord]) -> Path:
     if not candidates:
         raise UserError(f"no trial of {s.experiment_dir} has a PublicTest accuracy (errored and diverged trials "
                         f"do not count); finish at least one epoch of the search (--resume) first")
-    epochs = s.final_epochs or s.max_epochs
     start = time.perf_counter()
     data = load_final_data(s)  # before any training: a bad PrivateTest fails now, not after hours
-    clear_outputs(out)
     ttas = [ANALYSIS_TTA, *dict.fromkeys(t for t in s.final_tta if t != ANALYSIS_TTA)]  # the analysis needs "none"
-    runs = retrain_all(s, data, candidates, epochs=epochs, out=out, ttas=ttas)
+    deadline = None
+    if clock:
+        s, deadline = fit_to_budget(s, trials, clock, data, ttas, split)
+        candidates = candidates[:s.final_top_k]
+    epochs = s.final_epochs or s.max_epochs
+    clear_outputs(out)
+    runs = retrain_all(s, data, candidates, epochs=epochs, out=out, ttas=ttas, deadline=deadline)
+    trained = time.perf_counter()
     if not runs:
         raise UserError("every final run diverged in its first epoch; nothing to evaluate")
     probs = predict_runs(runs, data, ttas=ttas, device=pick_device())
@@ -71,7 +112,8 @@ def run_final(settings: Settings, trials: Sequence[TrialRecord]) -> Path:
     write_readme(out, s, analysed, epochs, ttas, test_name=data.test_name)
     print(f"\n{data.test_name} ({len(data.test)} images; {rows[0]['n_dup_training']} duplicated in Training, "
           f"{rows[0]['n_dup_publictest']} in PublicTest), "
-          f"{len(runs)} runs, {time.perf_counter() - start:.0f} s:")
+          f"{len(runs)} runs, {time.perf_counter() - start:.0f} s (training {trained - start:.0f} s, "
+          f"scoring and figures {time.perf_counter() - trained:.0f} s):")
     print_table(table)
     print(f"\nfinal results: {out} (error analysis of {analysed})")
     return out

@@ -6,6 +6,7 @@ by the driver, after every task has finished.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -88,7 +89,8 @@ def _open_writer(tensorboard_dir: str | None):
 
 
 def retrain(config: TrialConfig, data: FERData, *, epochs: int, seed: int, threads: int = 1,
-            tensorboard_dir: str | None = None, label: str = "", ttas: Sequence[str] = TTA_MODES) -> dict:
+            tensorboard_dir: str | None = None, label: str = "", ttas: Sequence[str] = TTA_MODES,
+            deadline: float | None = None) -> dict:
     """Train `config` from scratch for `epochs`, keeping the weights of its best PublicTest epoch.
 
     Plain PyTorch (the final stage runs it as a Ray task). Returns the best epoch's
@@ -98,6 +100,8 @@ def retrain(config: TrialConfig, data: FERData, *, epochs: int, seed: int, threa
     here, in parallel, because PublicTest is the task's to read; PrivateTest is not).
     A run that diverges in its first epoch returns `state_dict` None. `trained_on` names
     the splits it was handed; being handed PrivateTest is refused (a bug, not a user error).
+    With `deadline` (a `time.time()` value, from --time-budget) it stops after the last epoch
+    that ends before it (at least one epoch); `stopped_early` says so.
     """
     if set(data.splits) - set(SEARCH_SPLITS):
         raise ValueError(f"a retraining run may see only {SEARCH_SPLITS}, got {sorted(data.splits)}")
@@ -105,15 +109,22 @@ def retrain(config: TrialConfig, data: FERData, *, epochs: int, seed: int, threa
     run = build_run(config, data, epochs=epochs, seed=seed)
     writer = _open_writer(tensorboard_dir)
     best: dict = {"state_dict": None, "best_epoch": 0, "val_acc": float("nan")}
-    history, diverged = [], ""
+    history, diverged, stopped_early, epoch_seconds = [], "", False, 0.0
     try:
         while run.epoch < epochs:
+            if deadline and history and time.time() + epoch_seconds > deadline:
+                stopped_early = True
+                print(f"{label} stopped after epoch {run.epoch}/{epochs}: the next would end after the time budget",
+                      flush=True)
+                break
+            epoch_start = time.time()
             try:
                 metrics = run_epoch(run)
             except DivergedError as err:
                 diverged = str(err)
                 break
             history.append(metrics)
+            epoch_seconds = time.time() - epoch_start
             if writer:
                 _add_scalars(writer, metrics)
                 writer.flush()
@@ -130,7 +141,7 @@ def retrain(config: TrialConfig, data: FERData, *, epochs: int, seed: int, threa
         run.model.load_state_dict(best["state_dict"])
         val_probs = {tta: predict(run.model, run.val.x, device=run.device, tta=tta).numpy() for tta in ttas}
     return {**best, "history": history, "diverged": diverged, "val_probs": val_probs,
-            "trained_on": sorted(data.splits)}
+            "trained_on": sorted(data.splits), "stopped_early": stopped_early}
 
 
 # --------------------------------------------------------------------------- every run, in parallel
@@ -148,8 +159,11 @@ def _get(ref):
 
 
 def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, epochs: int,
-                out: Path, ttas: Sequence[str] = TTA_MODES) -> list[FinalRun]:
-    """Retrain every candidate with every seed as parallel Ray tasks (trial resources each); save the weights."""
+                out: Path, ttas: Sequence[str] = TTA_MODES, deadline: float | None = None) -> list[FinalRun]:
+    """Retrain every candidate with every seed as parallel Ray tasks (trial resources each); save the weights.
+
+    `deadline` (a `time.time()` value) is when every run must have finished training.
+    """
     import ray
 
     started = not ray.is_initialized()  # search.run has already started (or joined) Ray
@@ -165,7 +179,7 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
                 name = f"{cand.name}-seed{seed}"
                 board = (out / "tensorboard" / name).resolve()
                 ref = task.remote(cand.config, data_ref, epochs=epochs, seed=seed, threads=s.cpus_per_trial,
-                                  tensorboard_dir=str(board), label=name, ttas=list(ttas))
+                                  tensorboard_dir=str(board), label=name, ttas=list(ttas), deadline=deadline)
                 jobs[ref] = (cand, seed, board)
         print(f"final stage: retraining {len(candidates)} configurations x {s.final_seeds} seeds "
               f"for {epochs} epochs on {len(data.train)} Training images "

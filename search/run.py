@@ -14,11 +14,13 @@ import time
 from functools import partial
 from pathlib import Path
 
+from search.budget import Clock, SearchBudget, TimeSplit, set_active
 from search.cli import run_cli
 from search.cluster import memory_limits, start_ray, tolerate_lost_workers, trial_request, trial_resources
 from search.export import TUNE_DIR, UNFINISHED, TrialRecord, export_trials, trials_table
 from search.final import run_final
 from search.settings import Settings, parse_settings
+from search.warm_start import STUDY_NAME, prepared_storage
 from spaces import archs_of, get_space
 from trainables.data import SEARCH_SPLITS, FERData, load_fer2013, stratified_fraction
 from trainables.errors import UserError
@@ -53,7 +55,7 @@ def check_experiment_dir(s: Settings) -> Path:
 
 # Settings that define what a search is; a resumed search must keep them.
 SEARCH_FIELDS = ("space", "data", "train_fraction", "labels", "ferplus", "seed", "num_samples", "max_epochs",
-                 "grace_epochs", "searcher", "scheduler", "pretrained")
+                 "grace_epochs", "searcher", "scheduler", "pretrained", "warm_start", "known_good")
 
 
 def check_resume_settings(s: Settings) -> None:
@@ -100,15 +102,28 @@ def asha_rungs(s: Settings) -> list[int]:
     return [*rungs, s.max_epochs]
 
 
+def study_storage(s: Settings, offer_weights: bool):
+    """The Optuna storage the searcher starts from: --warm-start's trials added, known-good configs enqueued."""
+    storage, notes = prepared_storage(s.space, ferplus=s.labels == "ferplus", offer_weights=offer_weights,
+                                      warm_start=s.warm_start, use_known_good=s.known_good)
+    for note in notes:
+        print(note)
+    return storage
+
+
 def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurrent: int, writer, *,
-                offer_weights: bool = False):
-    """The Tuner: OptunaSearch (TPE or random, seeded) + ASHA or FIFO, or the restored one with --resume."""
+                offer_weights: bool = False, study=None):
+    """The Tuner: OptunaSearch (TPE or random, seeded) + ASHA or FIFO, or the restored one with --resume.
+
+    `study` is the Optuna storage of `study_storage` (made here when not given).
+    """
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
+    from search.tune_callbacks import BudgetStopper
     from trainables.tune_trainable import train_fer
 
     limits = memory_limits(bool(resources["gpu"]))
@@ -130,18 +145,19 @@ def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurre
     space = partial(get_space(s.space), ferplus=s.labels == "ferplus", offer_weights=offer_weights)
     sampler = (optuna.samplers.TPESampler(seed=s.seed) if s.searcher == "optuna"
                else optuna.samplers.RandomSampler(seed=s.seed))
-    searcher = ConcurrencyLimiter(OptunaSearch(space=space, metric=METRIC, mode=MODE, sampler=sampler, seed=s.seed),
-                                  max_concurrent=concurrent)
+    study = study or study_storage(s, offer_weights)
+    searcher = ConcurrencyLimiter(OptunaSearch(space=space, metric=METRIC, mode=MODE, sampler=sampler,
+                                               storage=study, study_name=STUDY_NAME), max_concurrent=concurrent)
     scheduler = (ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode=MODE, max_t=s.max_epochs,
                                grace_period=s.grace_epochs, reduction_factor=3)
                  if s.scheduler == "asha" else FIFOScheduler())
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                    num_samples=s.num_samples, time_budget_s=s.time_budget or None,
+                                    num_samples=s.num_samples,
                                     trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(
-            name=TUNE_DIR, storage_path=storage, verbose=1,
+            name=TUNE_DIR, storage_path=storage, verbose=1, stop=BudgetStopper(),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=[writer]),
     )
@@ -155,14 +171,27 @@ def print_summary(df, exp: Path) -> None:
     print(f"\ntrials: {exp / 'trials.csv'}\ntensorboard: tensorboard --logdir {exp}")
 
 
-def run_search(s: Settings) -> int:
-    """Run the whole experiment described by `s`; returns the exit status."""
+def search_budget(s: Settings, clock: Clock, data: FERData, concurrent: int) -> SearchBudget:
+    """What the search must leave for the final stage under --time-budget (all of it without a final stage)."""
+    return SearchBudget(clock=clock, share=s.final_share if s.final else 0.0, slots=concurrent,
+                        top_k=s.final_top_k, seeds=s.final_seeds, epochs=s.final_epochs,
+                        n_search=len(data.train), n_full=round(len(data.train) / s.train_fraction),
+                        n_test=len(data.val), ttas=len(set(s.final_tta) | {"none"}))
+
+
+def run_search(s: Settings, started: float | None = None) -> int:
+    """Run the whole experiment described by `s`; returns the exit status.
+
+    `started` (a `time.time()` value, default now) is when --time-budget starts counting.
+    """
+    clock = Clock(s.time_budget, started or time.time()) if s.time_budget else None
     get_space(s.space)
     exp = check_experiment_dir(s)
     if s.resume:
         check_resume_settings(s)
     data = load_search_data(s)
     offer_weights = False if s.resume else offers_weights(s)  # a resumed search keeps its space
+    study = None if s.resume else study_storage(s, offer_weights)  # a bad --warm-start fails before Ray starts
     cluster = start_ray(s)
     tolerate_lost_workers()
     resources, concurrent = trial_resources(s, cluster)
@@ -171,24 +200,39 @@ def run_search(s: Settings) -> int:
     from search.tune_callbacks import TrialsCsvWriter
 
     tuner = build_tuner(s, data, exp, resources, concurrent, TrialsCsvWriter(exp, s.max_epochs),
-                        offer_weights=offer_weights)
+                        offer_weights=offer_weights, study=study)
     write_text(exp / "settings.json", s.to_json())
     print(f"experiment {exp}: space {s.space}, {len(data.train)} training images, "
           f"{len(data.val)} PublicTest images, {s.num_samples} trials")
-    started = time.monotonic()
+    budget = search_budget(s, clock, data, concurrent) if clock else None
+    split = TimeSplit(budget=s.time_budget, startup=clock.elapsed()) if clock else None
+    if clock:
+        print(f"time budget {s.time_budget:.0f} s from the start of the command ({split.startup:.0f} s gone): "
+              f"the search stops in time to leave the final stage at most {100 * budget.share:.0f}% of it")
+    set_active(budget)
     failed: dict[str, str] = {}
     try:
         failed = failed_trials(tuner.fit())
     except KeyboardInterrupt:  # a second Ctrl-C: Ray stops at once
         pass
+    finally:
+        set_active(None)
     trials = export_trials(exp, s.max_epochs, failed=failed)
     print_summary(trials_table(trials), exp)
-    if _interrupted(trials, s, time.monotonic() - started):
+    if _interrupted(trials, s, budget):
         print(f"\nThe search was interrupted; finished trials are in {exp / 'trials.csv'}. To continue it, "
               f"run the same command with --name {s.name} --results {s.results} --resume", file=sys.stderr)
         return 130
+    if split:
+        split.search = clock.elapsed() - split.startup
+        if budget.stopped_at:
+            print(f"search stopped by the time budget with {clock.left():.0f} s left for the final stage")
     if s.final:
-        run_final(s, trials)
+        run_final(s, trials, clock=clock, split=split)
+    if split:
+        split.final = clock.elapsed() - split.startup - split.search
+        split.write(exp)
+        print(split.line())
     return 0
 
 
@@ -206,16 +250,30 @@ def failed_trials(results) -> dict[str, str]:
     return out
 
 
-def _interrupted(trials: list[TrialRecord], s: Settings, elapsed: float) -> bool:
-    """Whether Ctrl-C stopped the search: trials left unfinished without the time budget running out."""
+def _interrupted(trials: list[TrialRecord], s: Settings, budget: SearchBudget | None) -> bool:
+    """Whether Ctrl-C stopped the search: trials left unfinished without the time budget stopping it."""
     unfinished = any(t.status in UNFINISHED for t in trials) or len(trials) < s.num_samples
-    return bool(unfinished) and not (s.time_budget and elapsed >= s.time_budget)
+    return bool(unfinished) and not (budget and budget.stopped_at)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, started: float | None = None) -> int:
     """Entry point: `python -m search.run`."""
-    return run_search(parse_settings(argv))
+    return run_search(parse_settings(argv), started=started)
+
+
+def process_started() -> float:
+    """When this process started, as a `time.time()` value (its imports count against --time-budget too).
+
+    Read from Linux's /proc (start time in clock ticks after boot); elsewhere, now.
+    """
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return min(time.time(), boot + ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_cli(partial(main, started=process_started())))

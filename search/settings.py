@@ -61,8 +61,17 @@ class Settings:
     cpus_per_trial: int = _flag(1, "CPU cores per trial (and per final run)")
     gpus_per_trial: float = _flag(-1.0, "GPUs per trial (and per final run); fractions share a GPU",
                                   default_text="0.5 where the cluster has GPUs, else 0")
-    time_budget: float = _flag(0.0, "seconds after which the search stops starting and continuing trials",
+    time_budget: float = _flag(0.0, "seconds for the whole run: start-up, search and final stage together; the "
+                                    "search stops in time to leave the final stage its share, and the final "
+                                    "stage sizes its configurations, seeds and epochs to the time left",
                                default_text="no limit")
+    final_share: float = _flag(0.4, "with --time-budget: the most of the budget the final stage may take (it "
+                                    "takes less when its runs need less)")
+    warm_start: str = _flag("", "an earlier experiment whose finished trials seed this search's sampler "
+                                "(trials that do not fit this space are left out, and said so)",
+                            metavar="DIR", default_text="none")
+    known_good: bool = _flag(True, "do not evaluate the space's known-good configurations first",
+                             action="store_false", flag="--no-known-good")
     seed: int = _flag(0, "seed of the searcher, the data slices and the trials")
     address: str = _flag("", "address of a running Ray cluster", default_text="a local Ray instance")
     labels: str = _flag("fer2013", "fer2013: the original 7 labels; ferplus: FER+ votes, 8 classes",
@@ -170,6 +179,8 @@ def check_settings(s: Settings) -> None:
                         "--max-failures": s.max_failures, "--final-epochs": s.final_epochs}.items():
         if value < 0:
             raise UserError(f"{flag} must not be negative, got {value}")
+    if not 0.0 < s.final_share < 1.0:
+        raise UserError(f"--final-share must be in (0, 1), got {s.final_share}")
     if s.beta <= 0:
         raise UserError(f"--beta must be positive, got {s.beta}")
     if not s.name or "/" in s.name or s.name in (".", ".."):

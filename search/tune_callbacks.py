@@ -1,12 +1,15 @@
-"""Tune callbacks of the search: trials.csv kept current while the search runs."""
+"""Tune callbacks of the search: trials.csv kept current while the search runs, and the time-budget stopper."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-from ray.tune import Callback
+from ray.tune import Callback, Stopper
 
+from search.budget import Measured, active
 from search.export import TrialRecord, records_of, trials_table
 from trainables.files import write_csv
+from trainables.metrics import METRIC
 
 
 class TrialsCsvWriter(Callback):
@@ -36,3 +39,24 @@ class TrialsCsvWriter(Callback):
     def on_experiment_end(self, trials, **info):
         self.write(trials)
         self.ended = True
+
+
+class BudgetStopper(Stopper):
+    """Stop the whole search when only the final stage's share of --time-budget is left.
+
+    Installed in every search (a search started without a budget may be resumed with one);
+    it remembers each trial's last measured speed and asks the running command's budget
+    (`search.budget.active`), which is None without --time-budget.
+    """
+
+    def __init__(self) -> None:
+        self.measured: dict[str, Measured] = {}
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        self.measured[trial_id] = Measured(result.get(METRIC, math.nan), result.get("time_this_iter_s", math.nan),
+                                           result.get("images_per_s", math.nan))
+        return False
+
+    def stop_all(self) -> bool:
+        budget = active()
+        return budget is not None and budget.search_over(list(self.measured.values()))

@@ -66,6 +66,9 @@ CASES = {
     "train fraction 0": (_good, ["--train-fraction", "0"], "--train-fraction"),
     "train fraction 1.5": (_good, ["--train-fraction", "1.5"], "--train-fraction"),
     "not a number": (_good, ["--num-samples", "many"], "--num-samples"),
+    "final share 1": (_good, ["--final-share", "1"], "--final-share must be in (0, 1)"),
+    "warm start from nothing": (_good, ["--warm-start", "/nonexistent"],
+                                "--warm-start /nonexistent is not an experiment folder"),
 }
 
 

@@ -5,6 +5,7 @@ import glob
 import json
 import pickle
 import re
+import time
 
 import pandas as pd
 import pytest
@@ -59,6 +60,62 @@ def test_asha_stops_trials_at_its_rungs(demo_experiment):
     at_rung = {tid: json.loads((exp / "tune" / f"trial_{tid}" / "result.json").read_text().splitlines()[0])
                ["val_acc"] for tid in df["trial_id"]}
     assert min(at_rung[t] for t in completed["trial_id"]) >= min(at_rung[t] for t in stopped["trial_id"])
+
+
+def test_known_good_configurations_run_first(demo_experiment):
+    """The first trials of a search are its space's known-good configurations, exactly as written."""
+    from functools import partial
+
+    from search.warm_start import KNOWN_GOOD, replay
+    from spaces import convnet
+
+    exp, _ = demo_experiment
+    with open(max(glob.glob(str(exp / "tune" / "searcher-state-*.pkl"))), "rb") as f:
+        study = sorted(pickle.load(f)["_ot_study"].trials, key=lambda t: t.number)
+    wanted = [replay(partial(convnet), c)[0] for c in KNOWN_GOOD["convnet"]]
+    assert [t.params for t in study[:len(wanted)]] == wanted
+    assert all(t.params != wanted[0] for t in study[len(wanted):])
+
+
+def test_warm_start_seeds_the_sampler_with_the_earlier_finished_trials(demo_experiment, tmp_path):
+    exp, _ = demo_experiment
+    earlier = pd.read_csv(exp / "trials.csv")
+    r = run_command("search.run", "--space", "convnet", "--data", "demo", "--num-samples", "1", "--max-epochs", "1",
+                    "--grace-epochs", "1", "--train-fraction", "0.5", "--no-final", "--no-known-good",
+                    "--warm-start", str(exp), "--results", str(tmp_path), "--name", "w", "--seed", "5")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"warm start: {len(earlier)} of {len(earlier)} finished trials of {exp}" in r.stdout
+    with open(max(glob.glob(str(tmp_path / "w" / "tune" / "searcher-state-*.pkl"))), "rb") as f:
+        study = pickle.load(f)["_ot_study"].trials
+    warm = [t for t in study if "warm_start" in t.user_attrs]
+    assert sorted(t.value for t in warm) == sorted(earlier["objective"])
+    assert {t.user_attrs["warm_start"] for t in warm} == {f"demo/{tid}" for tid in earlier["trial_id"]}
+    assert len(study) == len(earlier) + 1 and len(pd.read_csv(tmp_path / "w" / "trials.csv")) == 1
+
+
+def test_warm_start_keeps_the_trials_that_fit_and_refuses_when_none_does(demo_experiment, capsys):
+    from search.run import main
+    from search.warm_start import earlier_trials
+
+    exp, _ = demo_experiment
+    earlier = pd.read_csv(exp / "trials.csv")
+
+    def small_only(trial):  # a space whose widths are a subset of the convnet space's
+        trial.suggest_categorical("width", [16, 32])
+        trial.suggest_int("depth", 2, 3)
+
+    fit = earlier["config/width"].isin([16, 32]).sum()
+    assert 0 < fit < len(earlier)  # the known-good trials are one of each
+    trials, note = earlier_trials(exp, small_only, "small")
+    assert len(trials) == fit and f"{fit} of {len(earlier)} finished trials" in note
+    assert f"{len(earlier) - fit} do not fit the space 'small' and are left out" in note
+    status = run_cli(main, ["--space", "resnet", "--data", "demo", "--warm-start", str(exp), "--no-final",
+                            "--results", str(exp.parent), "--name", "other"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"error: --warm-start {exp}: none of its {len(earlier)} finished trials fits the space "
+                          f"'resnet'"), err
+    assert not (exp.parent / "other").exists()
 
 
 def test_optuna_asha_and_trials_csv_share_one_objective(demo_experiment):
@@ -128,21 +185,34 @@ def test_resume_refuses_changed_search_flags(demo_experiment, capsys, flag, valu
 def test_quick_start_path_with_time_budget_random_searcher_and_final_stage(tmp_path):
     """The path of the README's quick start: the final stage runs inside the search's own Ray instance.
 
-    A 15 s budget for 40 trials ends the search early: that is not an interruption (exit 0, no
-    resume hint), and the final stage then retrains the best trial that finished.
+    A 60 s budget for 40 trials and a final stage that wants 3 x 3 x 8 epochs: the search stops
+    early enough to leave the final stage its time (not an interruption: exit 0, no resume
+    hint), the final stage is cut to fit, and the whole command ends within the budget + 5%,
+    as seen from outside the process, and says how it split the time.
     """
-    r = run_command("search.run", "--space", "convnet", "--data", "demo", "--num-samples", "40", "--max-epochs", "2",
-                    "--grace-epochs", "1", "--time-budget", "15", "--searcher", "random", "--train-fraction", "0.3",
-                    "--final-top-k", "1", "--final-seeds", "1", "--final-epochs", "1", "--final-tta", "none",
-                    "--results", str(tmp_path), "--name", "q", "--seed", "3")
+    budget = 60
+    started = time.time()
+    r = run_command("search.run", "--space", "convnet", "--data", "demo", "--num-samples", "40", "--max-epochs", "4",
+                    "--grace-epochs", "1", "--time-budget", str(budget), "--searcher", "random",
+                    "--train-fraction", "0.3", "--final-top-k", "3", "--final-seeds", "3", "--final-epochs", "8",
+                    "--final-tta", "none", "--results", str(tmp_path), "--name", "q", "--seed", "3")
+    wall = time.time() - started
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "--resume" not in r.stderr and "final results:" in r.stdout
+    assert "search stopped by the time budget" in r.stdout
     exp = tmp_path / "q"
+    split = json.loads((exp / "time_budget.json").read_text())
+    assert split["total"] <= budget * 1.05 and wall <= budget * 1.05 + 2, (split, wall)
+    assert min(split["startup"], split["search"], split["final"]) > 0
+    assert abs(split["startup"] + split["search"] + split["final"] - split["total"]) < 1e-6
+    assert re.search(r"time budget 60 s: start-up \d+ s, search \d+ s, final stage \d+ s", r.stdout)
+    plan = split["plan"]
+    assert plan["top_k"] * plan["seeds"] * plan["epochs"] < 3 * 3 * 8  # cut to fit
     df = pd.read_csv(exp / "trials.csv")
     assert 1 <= len(df) < 40 and df["val_acc"].notna().any()
     metrics = pd.read_csv(exp / "final" / "metrics.csv")
     assert set(metrics["kind"]) == {"run", "mean", "std", "ensemble_all", "ensemble_best"}
-    assert (metrics["config"].str.startswith("top1-") | metrics["kind"].str.startswith("ensemble")).all()
+    assert len(metrics[metrics["kind"] == "run"]) == plan["top_k"] * plan["seeds"]
     with open(max(glob.glob(str(exp / "tune" / "searcher-state-*.pkl"))), "rb") as f:
         sampler = pickle.load(f)["_ot_study"].sampler
     assert type(sampler).__name__ == "RandomSampler"

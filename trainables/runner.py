@@ -17,7 +17,7 @@ import torch.nn as nn
 from trainables.augment import build_augment
 from trainables.config import TrialConfig
 from trainables.data import FERData, class_counts
-from trainables.device import DeviceSplit, pick_device, to_device
+from trainables.device import DeviceSplit, fast_training, pick_device, to_device
 from trainables.errors import UserError
 from trainables.inference import evaluate
 from trainables.lr_find import lr_range_test
@@ -120,7 +120,7 @@ def build_run(config: TrialConfig | Mapping[str, Any], data: FERData, *, epochs:
     torch.manual_seed(seed)
     nc = data.num_classes
     model = model_from_config(cfg, nc).to(device)
-    if device.type == "cuda":
+    if fast_training(device):
         model = model.to(memory_format=torch.channels_last)
     train = to_device(data.train, nc, device, soft=cfg.soft_labels)
     val = to_device(data.val, nc, device)

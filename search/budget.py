@@ -1,0 +1,228 @@
+"""`--time-budget`: one deadline for the whole run (start-up, search and final stage together).
+
+The clock starts when the command starts, so Ray's start-up and the data loading count.
+While the search runs, `final_reserve` says how much of the budget the final stage needs,
+from the per-epoch times the trials measured (scaled from the search's --train-fraction to
+the full Training split) and capped at --final-share of the budget; the search stops when
+only that much is left (see `search.tune_callbacks.BudgetStopper`). The final stage then
+sizes its configurations, seeds and epochs to the time really left (`plan_final`), and every
+run stops after the last epoch that still fits (`retrain`'s deadline), so the command ends
+within the budget whatever the machine. `TimeSplit` records how the time was spent.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from search.export import TrialRecord
+from trainables.files import write_text
+
+# Scoring every final run on PrivateTest and PublicTest, the error analysis and the figures:
+# a fixed part (the figures, the tables, the ensembles) plus one forward pass per run, image
+# and test-time augmentation, at inference speed. Measured on 2 CPU cores for 2 ConvNet runs
+# with TTA none+flip: 6 s on the demo data (350 PrivateTest images).
+EVAL_FIXED_SECONDS = 8.0
+INFERENCE_SPEEDUP = 3.0  # a forward pass costs about a third of a training step (forward + backward)
+RUN_START_SECONDS = 5.0   # a Ray task's start, the model's build and the data hand-off
+EPOCH_SLACK = 0.15        # plan_final gives up at most this share of epochs for more runs
+# From the search's stop to the final stage's plan: Tune stops the running trials, trials.csv is
+# written and the three splits are loaded (measured: 4-6 s on 2 busy CPU cores).
+STOP_SECONDS = 8.0
+
+
+@dataclass
+class Clock:
+    """The budget of one command: `total` seconds from `started` (a `time.time()` value)."""
+
+    total: float
+    started: float = field(default_factory=time.time)
+
+    @property
+    def deadline(self) -> float:
+        return self.started + self.total
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+
+@dataclass(frozen=True)
+class FinalPlan:
+    """What the final stage can afford: `top_k` configurations x `seeds` seeds x `epochs`, with the
+    estimated seconds of their training and of the scoring after it."""
+
+    top_k: int
+    seeds: int
+    epochs: int
+    training_seconds: float
+    eval_seconds: float
+
+    @property
+    def seconds(self) -> float:
+        return self.training_seconds + self.eval_seconds
+
+    @property
+    def runs(self) -> int:
+        return self.top_k * self.seeds
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What one trial's last epoch says about its speed: its objective, seconds and training images/s."""
+
+    objective: float
+    epoch_seconds: float
+    images_per_s: float
+
+    @classmethod
+    def of(cls, trial: TrialRecord) -> "Measured":
+        return cls(trial.objective, trial.epoch_seconds, trial.images_per_s)
+
+
+def full_epoch_seconds(trial: Measured, n_search: int, n_full: int) -> float:
+    """A trial's seconds per epoch on the full Training split, from its last measured epoch.
+
+    The training part scales with the images (`n_search` in the search, `n_full` in the final
+    stage); the rest of an epoch (PublicTest evaluation, reporting) does not.
+    """
+    epoch, speed = trial.epoch_seconds, trial.images_per_s
+    if not (math.isfinite(epoch) and epoch > 0):
+        return math.nan
+    if not (math.isfinite(speed) and speed > 0):
+        return epoch * n_full / max(1, n_search)
+    train = n_search / speed
+    return max(0.0, epoch - train) + n_full / speed
+
+
+def eval_seconds(runs: int, epoch_seconds: float, n_full: int, n_test: int, ttas: int) -> float:
+    """The reserve for scoring `runs` runs after training (see EVAL_FIXED_SECONDS)."""
+    per_image = epoch_seconds / max(1, n_full) / INFERENCE_SPEEDUP if math.isfinite(epoch_seconds) else 0.0
+    return EVAL_FIXED_SECONDS + runs * ttas * 2 * n_test * per_image  # PublicTest and PrivateTest
+
+
+def plan_seconds(epoch_seconds: Sequence[float], slots: int, seeds: int, epochs: int) -> float:
+    """Training time of `len(epoch_seconds)` configurations x `seeds` runs of `epochs`, `slots` at once.
+
+    Runs start in waves of `slots`; a wave lasts as long as its slowest run.
+    """
+    durations = sorted((t * epochs + RUN_START_SECONDS for t in epoch_seconds for _ in range(seeds)), reverse=True)
+    return sum(max(durations[i:i + slots]) for i in range(0, len(durations), max(1, slots)))
+
+
+def plan_final(epoch_seconds: Sequence[float], *, slots: int, top_k: int, seeds: int, epochs: int,
+               seconds: float, n_full: int, n_test: int, ttas: int) -> FinalPlan | None:
+    """The largest final stage within `seconds`: most epochs first, then most runs, then most configurations.
+
+    `epoch_seconds` are the full-data seconds per epoch of the candidates, best first. Epochs
+    come first because one well-trained model is worth more than several short ones; within
+    EPOCH_SLACK of the most epochs, more configurations and seeds (the ensemble) win, which
+    fills the parallel slots. None when not even one epoch of one run fits.
+    """
+    times = [t if math.isfinite(t) else max((x for x in epoch_seconds if math.isfinite(x)), default=60.0)
+             for t in epoch_seconds]
+    options = []
+    for k in range(1, min(top_k, len(times)) + 1):
+        for n in range(1, seeds + 1):
+            reserve = eval_seconds(k * n, max(times[:k]), n_full, n_test, ttas)
+            fits = [e for e in range(1, epochs + 1) if plan_seconds(times[:k], slots, n, e) + reserve <= seconds]
+            if fits:
+                options.append(FinalPlan(top_k=k, seeds=n, epochs=fits[-1], eval_seconds=reserve,
+                                         training_seconds=plan_seconds(times[:k], slots, n, fits[-1])))
+    if not options:
+        return None
+    most = max(p.epochs for p in options)
+    # Within EPOCH_SLACK of the most epochs any plan affords, more runs (the ensemble) win.
+    near = [p for p in options if p.epochs >= math.floor((1 - EPOCH_SLACK) * most)]
+    return max(near, key=lambda p: (p.runs, p.top_k, p.epochs))
+
+
+def final_reserve(trials: Sequence[Measured], *, clock: Clock, share: float, slots: int, top_k: int,
+                  seeds: int, epochs: int, n_search: int, n_full: int, n_test: int, ttas: int) -> float:
+    """Seconds the search leaves for the final stage: what the wanted final stage needs at the
+    measured speed of the best trials so far, at most `share` of the budget (all of that share
+    while nothing is measured yet) but at least one epoch of the best configuration."""
+    cap = share * clock.total
+    ranked = sorted((t for t in trials if math.isfinite(t.objective)), key=lambda t: -t.objective)[:top_k]
+    times = [full_epoch_seconds(t, n_search, n_full) for t in ranked]
+    times = [t for t in times if math.isfinite(t)]
+    if not times:
+        return cap + STOP_SECONDS
+    need = plan_seconds(times, slots, seeds, epochs) + eval_seconds(len(times) * seeds, max(times), n_full,
+                                                                    n_test, ttas)
+    # Never less than one epoch of the best configuration, so a final stage always fits.
+    least = plan_seconds(times[:1], slots, 1, 1) + eval_seconds(1, times[0], n_full, n_test, ttas)
+    return max(least, min(cap, need)) + STOP_SECONDS
+
+
+@dataclass
+class TimeSplit:
+    """How a budgeted run spent its time, written to `results/<name>/time_budget.json` and printed."""
+
+    budget: float
+    startup: float = 0.0
+    search: float = 0.0
+    final: float = 0.0
+    final_reserved: float = 0.0
+    plan: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return self.startup + self.search + self.final
+
+    def line(self) -> str:
+        plan = (f" ({self.plan['top_k']} configurations x {self.plan['seeds']} seeds x {self.plan['epochs']} "
+                f"epochs)" if self.plan else "")
+        return (f"time budget {self.budget:.0f} s: start-up {self.startup:.0f} s, search {self.search:.0f} s, "
+                f"final stage {self.final:.0f} s{plan}; total {self.total:.0f} s "
+                f"({100 * self.total / self.budget:.1f}% of the budget)")
+
+    def write(self, experiment_dir: Path) -> None:
+        write_text(Path(experiment_dir) / "time_budget.json",
+                   json.dumps({**asdict(self), "total": self.total}, indent=2))
+
+
+@dataclass
+class SearchBudget:
+    """The budget as the search sees it: stop when only the final stage's reserve is left."""
+
+    clock: Clock
+    share: float            # the most of the budget the final stage may take
+    slots: int              # final runs at once
+    top_k: int
+    seeds: int
+    epochs: int
+    n_search: int           # Training images of a trial
+    n_full: int             # Training images of a final run
+    n_test: int
+    ttas: int
+    stopped_at: float | None = None  # time.time() when the search was stopped for the final stage
+
+    def reserve(self, measured: Sequence[Measured]) -> float:
+        return final_reserve(measured, clock=self.clock, share=self.share, slots=self.slots, top_k=self.top_k,
+                             seeds=self.seeds, epochs=self.epochs, n_search=self.n_search, n_full=self.n_full,
+                             n_test=self.n_test, ttas=self.ttas)
+
+    def search_over(self, measured: Sequence[Measured]) -> bool:
+        if self.stopped_at is None and self.clock.left() <= self.reserve(measured):
+            self.stopped_at = time.time()
+        return self.stopped_at is not None
+
+
+# The budget of the search this process is running. It lives here, not in the Tune stopper
+# that reads it: Tune pickles the stopper with the experiment, and a resumed search brings
+# back the old stopper, whose own deadline would be the first run's.
+_ACTIVE: list[SearchBudget | None] = [None]
+
+
+def set_active(budget: SearchBudget | None) -> None:
+    _ACTIVE[0] = budget
+
+
+def active() -> SearchBudget | None:
+    return _ACTIVE[0]

@@ -1,0 +1,139 @@
+"""What the sampler knows before the first trial: an earlier experiment's trials, and known-good configurations.
+
+`--warm-start results/<earlier>` adds the finished trials of an earlier experiment to the new
+study as completed trials (Optuna's `add_trial`), so TPE models them from the start instead of
+sampling its first trials at random. Each earlier config is replayed through the new space
+(`optuna.trial.FixedTrial`), which gives the new space's distributions; a trial whose
+parameters the new space lacks or does not contain is left out, and the command says how many
+fit. Ray's `OptunaSearch` cannot take `evaluated_rewards` with a define-by-run space, so the
+study is built here in an Optuna storage that `OptunaSearch` then loads (`storage`, `study_name`).
+
+The known-good configurations of each space are enqueued (`enqueue_trial`) to run first,
+unless --no-known-good. Where each comes from is written beside it.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+from search.export import TrialRecord, load_trials
+from trainables.errors import UserError
+
+STUDY_NAME = "optuna"  # the name Ray's OptunaSearch gives its study
+
+# A published FER2013 recipe: Khaireddin & Chen, "Facial Emotion Recognition: State of the Art
+# Performance on FER2013" (2021, arXiv:2105.03588) train a VGG-style network with SGD, Nesterov
+# momentum 0.9 (our SGD's), learning rate 0.01 and a reduce-on-plateau schedule, with shift,
+# rotation, flip and erasing augmentation (our `strong`). Batch 64, weight decay 5e-4, patience 2
+# and factor 0.5 are the values of our ranges nearest to a plateau schedule over a short run.
+_PUBLISHED_SGD_PLATEAU = {
+    "optimizer": "sgd", "lr_mode": "searched", "lr": 0.01, "weight_decay": 5e-4, "batch_size": 64,
+    "schedule": "plateau", "plateau_patience": 2, "plateau_factor": 0.5, "warmup_epochs": 0.0,
+    "augment": "strong", "aug_magnitude": 0.5, "label_smoothing": 0.0, "imbalance": "none",
+}
+# The one-cycle policy (Smith & Topin, "Super-Convergence", 2019), the usual recipe for a short
+# budget: AdamW at a peak rate of 3e-3 rising and annealing once over the run, flips and crops,
+# label smoothing 0.1.
+_ONECYCLE_ADAMW = {
+    "optimizer": "adamw", "lr_mode": "searched", "lr": 3e-3, "weight_decay": 1e-4, "batch_size": 128,
+    "schedule": "onecycle", "warmup_epochs": 0.0, "augment": "flip_crop", "label_smoothing": 0.1,
+    "imbalance": "none",
+}
+KNOWN_GOOD: dict[str, list[dict[str, Any]]] = {
+    "convnet": [
+        {"width": 64, "depth": 3, "dropout": 0.3, **_PUBLISHED_SGD_PLATEAU},
+        {"width": 32, "depth": 3, "dropout": 0.2, **_ONECYCLE_ADAMW},
+    ],
+    "resnet": [
+        {"resnet_arch": "resnet18", "stem": "keep", "dropout": 0.2, **_PUBLISHED_SGD_PLATEAU},
+        {"resnet_arch": "resnet18", "stem": "stride", "dropout": 0.2, **_ONECYCLE_ADAMW},
+    ],
+    "densenet": [
+        {"densenet_arch": "densenet121", "stem": "keep", "dropout": 0.2, **_PUBLISHED_SGD_PLATEAU},
+    ],
+}
+KNOWN_GOOD["all"] = [{"family": family, **config} for family in ("convnet", "resnet") for config in KNOWN_GOOD[family]]
+# Both recipes train from scratch on the hard labels; these keys matter only where the space
+# offers ImageNet weights or FER+ votes (a key the space does not draw is ignored).
+for _config in (c for configs in KNOWN_GOOD.values() for c in configs):
+    _config.update(pretrained=False, soft_labels=False)
+
+
+def replay(space: Callable, config: dict[str, Any]):
+    """`config` run through `space`: (params, distributions), or a ValueError saying why it does not fit."""
+    import optuna
+
+    trial = optuna.trial.FixedTrial(config)  # raises ValueError for a parameter `config` lacks
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a value outside the space: FixedTrial only warns, create_trial refuses
+        space(trial)
+    optuna.trial.create_trial(params=trial.params, distributions=trial.distributions, value=0.0)
+    return trial.params, trial.distributions
+
+
+def known_good(space_name: str, space: Callable) -> list[dict[str, Any]]:
+    """The space's known-good configurations, as Optuna parameters."""
+    return [replay(space, config)[0] for config in KNOWN_GOOD.get(space_name, [])]
+
+
+def earlier_trials(experiment: Path, space: Callable, space_name: str) -> tuple[list, str]:
+    """The finished trials of `experiment` that fit `space`, as Optuna FrozenTrials, and a line saying so."""
+    import optuna
+
+    from search.settings import read_settings
+
+    earlier = read_settings(experiment)
+    records: list[TrialRecord] = [r for r in load_trials(experiment, earlier.max_epochs)
+                                  if r.status not in ("ERROR", "RUNNING", "PENDING", "PAUSED")
+                                  and math.isfinite(r.objective)]
+    if not records:
+        raise UserError(f"--warm-start {experiment}: the experiment has no finished trial")
+    trials, reasons = [], []
+    for r in records:
+        try:
+            params, distributions = replay(space, r.config)
+            trials.append(optuna.trial.create_trial(params=params, distributions=distributions, value=r.objective,
+                                                    user_attrs={"warm_start": f"{experiment.name}/{r.trial_id}"}))
+        except ValueError as err:
+            reasons.append(str(err).strip().splitlines()[0])
+    if not trials:
+        raise UserError(f"--warm-start {experiment}: none of its {len(records)} finished trials fits the space "
+                        f"'{space_name}' (e.g. {reasons[0]})")
+    note = (f"warm start: {len(trials)} of {len(records)} finished trials of {experiment} (space {earlier.space}) "
+            f"seed the sampler")
+    if reasons:
+        note += f"; {len(reasons)} do not fit the space '{space_name}' and are left out (e.g. {reasons[0]})"
+    return trials, note
+
+
+def prepared_storage(space_name: str, *, ferplus: bool, offer_weights: bool, warm_start: str, use_known_good: bool,
+                     direction: str = "maximize"):
+    """An Optuna storage holding the study Ray's OptunaSearch will load: earlier trials added, known-good
+    configurations enqueued. Returns (storage, lines to print)."""
+    import optuna
+
+    from spaces import get_space
+
+    space = partial(get_space(space_name), ferplus=ferplus, offer_weights=offer_weights)
+    if warm_start and not (Path(warm_start) / "settings.json").is_file():
+        raise UserError(f"--warm-start {warm_start} is not an experiment folder (no settings.json); "
+                        f"pass results/<name>")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # Tune's table reports the trials
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction=direction)
+    notes = []
+    if warm_start:
+        trials, note = earlier_trials(Path(warm_start), space, space_name)
+        study.add_trials(trials)
+        notes.append(note)
+    if use_known_good:
+        configs = known_good(space_name, space)
+        for params in configs:
+            study.enqueue_trial(params)
+        if configs:
+            notes.append(f"known-good: the first {len(configs)} trials are this space's known-good configurations "
+                         f"(search/warm_start.py says where each comes from; --no-known-good to skip them)")
+    return storage, notes

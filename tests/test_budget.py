@@ -1,0 +1,71 @@
+"""--time-budget: how the final stage is sized, what the search leaves it, and runs stopping at the deadline."""
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from search.budget import STOP_SECONDS, Clock, Measured, final_reserve, full_epoch_seconds, plan_final, plan_seconds
+from search.retrain import retrain, without_test
+from trainables.config import TrialConfig
+from trainables.data import make_demo
+
+SIZES = {"n_full": 28709, "n_test": 3589, "ttas": 2}
+
+
+def test_full_epoch_seconds_scales_only_the_training_part():
+    # 7,000 images at 700 img/s is 10 s of training; the other 3 s (PublicTest) do not scale.
+    m = Measured(objective=0.5, epoch_seconds=13.0, images_per_s=700.0)
+    assert full_epoch_seconds(m, 7000, 28000) == pytest.approx(3.0 + 40.0)
+    assert math.isnan(full_epoch_seconds(Measured(0.5, math.nan, 700.0), 7000, 28000))
+
+
+def test_plan_seconds_runs_in_waves_as_long_as_their_slowest_run():
+    # 3 runs of 10 and 20 s/epoch, 2 at once, 2 epochs: waves (40, 20) and (20) -> (40+5) + (20+5)
+    assert plan_seconds([20.0, 10.0], slots=2, seeds=1, epochs=2) == pytest.approx(45.0)
+    assert plan_seconds([20.0, 10.0], slots=2, seeds=2, epochs=2) == pytest.approx(45.0 + 25.0)
+
+
+def test_plan_final_prefers_epochs_then_fills_the_parallel_slots():
+    # Plenty of time: everything asked for.
+    plan = plan_final([30.0, 30.0, 30.0], slots=2, top_k=3, seeds=3, epochs=10, seconds=1e6, **SIZES)
+    assert (plan.top_k, plan.seeds, plan.epochs) == (3, 3, 10)
+    # Time for about one wave of 10 epochs: 2 runs (both slots), 2 configurations, full epochs.
+    plan = plan_final([30.0, 30.0, 30.0], slots=2, top_k=3, seeds=3, epochs=10, seconds=400.0, **SIZES)
+    assert (plan.top_k * plan.seeds, plan.top_k, plan.epochs) == (2, 2, 10)
+    assert plan.seconds <= 400.0
+    # Less time: fewer epochs, in one wave that fills both slots.
+    plan = plan_final([30.0, 30.0, 30.0], slots=2, top_k=3, seeds=3, epochs=10, seconds=200.0, **SIZES)
+    assert plan.top_k * plan.seeds == 2 and 1 <= plan.epochs < 10 and plan.seconds <= 200.0
+    # Not one epoch fits.
+    assert plan_final([300.0], slots=2, top_k=3, seeds=3, epochs=10, seconds=100.0, **SIZES) is None
+
+
+def test_the_search_leaves_what_the_final_stage_needs_capped_at_its_share():
+    clock = Clock(total=3600.0)
+    kw = dict(clock=clock, share=0.4, slots=2, top_k=2, seeds=1, epochs=10, n_search=7000, n_full=28000,
+              n_test=3589, ttas=2)
+    stop = STOP_SECONDS  # the search's own stop comes on top
+    assert final_reserve([], **kw) == pytest.approx(0.4 * 3600 + stop)  # nothing measured yet: the whole share
+    fast = [Measured(0.6, 3.0 + 7000 / 7000.0, 7000.0), Measured(0.5, 2.0, 7000.0)]
+    need = final_reserve(fast, **kw)
+    assert stop < need < 0.4 * 3600  # 10 epochs of ~7 s fit well within the share
+    slow = [Measured(0.6, 3.0 + 7000 / 70.0, 70.0)]
+    assert final_reserve(slow, **kw) == pytest.approx(0.4 * 3600 + stop)
+    # ... but never less than one epoch of the best configuration, even above the share.
+    glacial = [Measured(0.6, 3.0 + 7000 / 1.0, 1.0)]
+    assert final_reserve(glacial, **kw) > 28000 / 1.0
+    # Only the best top_k trials count: a slow but weak trial does not inflate the reserve.
+    assert final_reserve(fast + [Measured(0.1, 500.0, 10.0)], **kw) == pytest.approx(need)
+
+
+def test_a_final_run_stops_after_the_last_epoch_that_fits_the_deadline(one_thread):
+    data = without_test(make_demo(n_train=60, n_val=20, n_test=20, seed=0))
+    config = TrialConfig.from_dict({"arch": "convnet", "width": 8, "depth": 2, "lr": 0.01, "batch_size": 32})
+    started = time.time()
+    out = retrain(config, data, epochs=50, seed=1, ttas=["none"], deadline=time.time() + 1.0)
+    assert out["stopped_early"] and 1 <= len(out["history"]) < 50
+    assert time.time() - started < 50  # stopped by the deadline, not by running all 50 epochs
+    full = retrain(config, data, epochs=2, seed=1, ttas=["none"], deadline=time.time() + 3600)
+    assert not full["stopped_early"] and len(full["history"]) == 2

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from search.storage import read_text, resolve, tune_location, tune_started
 from trainables.files import write_csv
 from trainables.metrics import METRIC
-
-TUNE_DIR = "tune"  # Ray's storage for an experiment: results/<name>/tune/
 
 # Ray's statuses of trials an interrupted search left unfinished (--resume continues them). The
 # finished ones become COMPLETED, STOPPED, DIVERGED or ERROR; the README explains each.
@@ -22,12 +21,19 @@ _LEADING = ["trial_id", "status", "objective", "val_acc", "epochs", "seconds", "
             "range_test_note", "error"]
 
 
-def _read_results(trial_dir: Path) -> list[dict]:
-    path = trial_dir / "result.json"
-    if not path.exists():
+def _filesystem(trial):
+    """The pyarrow filesystem a trial's folder is on (Tune's storage; the local disk by default)."""
+    import pyarrow.fs as pafs
+
+    return getattr(getattr(trial, "storage", None), "storage_filesystem", None) or pafs.LocalFileSystem()
+
+
+def _read_results(fs, trial_dir: str) -> list[dict]:
+    text = read_text(fs, f"{trial_dir}/result.json")
+    if not text:
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:  # a line cut short by a kill
@@ -46,11 +52,11 @@ def _status(ray_status: str, last: dict, epochs: int, max_epochs: int) -> str:
 
 
 def _error_text(trial) -> str:
-    text = ""
-    for path in (Path(trial.path or "") / "error.txt", Path(getattr(trial, "error_file", "") or "")):
-        if path.is_file():
-            text = path.read_text()
-            break
+    text = read_text(_filesystem(trial), f"{trial.path}/error.txt") if trial.path else None
+    local = Path(getattr(trial, "error_file", "") or "")
+    if not text and local.is_file():
+        text = local.read_text()
+    text = text or ""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     # The exception line is the last one of Ray's traceback; keep the CSV cell short and single-line.
     return lines[-1][:500] if lines else "failed"
@@ -80,14 +86,15 @@ class TrialRecord:
     config: dict = field(default_factory=dict)
 
 
-def load_trials(experiment_dir: Path, max_epochs: int) -> list[TrialRecord]:
-    """Every trial of the experiment under `experiment_dir`, best objective first (NaN last)."""
+def load_trials(experiment_dir: Path, max_epochs: int, storage: str = "") -> list[TrialRecord]:
+    """Every trial of the experiment `experiment_dir` (its Tune folder under `storage` when given),
+    best objective first (NaN last)."""
     from ray.tune import ExperimentAnalysis  # Ray only where the experiment is read
 
-    tune_dir = Path(experiment_dir) / TUNE_DIR
-    if not (tune_dir.exists() and any(tune_dir.glob("experiment_state-*.json"))):
+    if not tune_started(experiment_dir, storage):
         return []
-    return records_of(ExperimentAnalysis(str(tune_dir.resolve())).trials, max_epochs)
+    fs, path = resolve(tune_location(experiment_dir, storage))
+    return records_of(ExperimentAnalysis(path, storage_filesystem=fs).trials, max_epochs)
 
 
 def records_of(trials, max_epochs: int, *, ray_status: dict[str, str] | None = None) -> list[TrialRecord]:
@@ -99,7 +106,7 @@ def records_of(trials, max_epochs: int, *, ray_status: dict[str, str] | None = N
     records = []
     for trial in trials:
         status = (ray_status or {}).get(trial.trial_id, trial.status)
-        results = _read_results(Path(trial.path)) if trial.path else []
+        results = _read_results(_filesystem(trial), trial.path) if trial.path else []
         live = getattr(trial, "last_result", None) or {}
         if live.get("epoch") and live.get("training_iteration") not in [r.get("training_iteration") for r in results]:
             results.append(live)  # reported, not yet flushed to result.json
@@ -132,12 +139,13 @@ def trials_table(records: list[TrialRecord]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=_LEADING + sorted({k for r in rows for k in r} - set(_LEADING)))
 
 
-def export_trials(experiment_dir: Path, max_epochs: int, *, failed: dict[str, str] | None = None) -> list[TrialRecord]:
+def export_trials(experiment_dir: Path, max_epochs: int, *, failed: dict[str, str] | None = None,
+                  storage: str = "") -> list[TrialRecord]:
     """Write `<experiment_dir>/trials.csv` atomically and return the trials it holds.
 
     `failed` (trial id -> error) marks trials that failed after Tune's last snapshot as ERROR.
     """
-    records = load_trials(experiment_dir, max_epochs)
+    records = load_trials(experiment_dir, max_epochs, storage)
     if failed:
         records = [dataclasses.replace(r, status="ERROR", error=r.error or failed[r.trial_id])
                    if r.trial_id in failed else r for r in records]

@@ -148,7 +148,7 @@ def final_command(argv: Sequence[str] | None = None) -> int:
     s, flags = parse_final(argv)
     if (s.experiment_dir / FINAL_DIR / "metrics.csv").exists() and not flags.overwrite:
         raise UserError(f"{s.experiment_dir / FINAL_DIR} already holds a final stage; add --overwrite to replace it")
-    run_final(s, load_trials(s.experiment_dir, s.max_epochs))
+    run_final(s, load_trials(s.experiment_dir, s.max_epochs, s.storage))
     return 0
 
 

@@ -13,13 +13,15 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from typing import Sequence
 
 from search.budget import Clock, SearchBudget, TimeSplit, set_active
 from search.cli import run_cli
 from search.cluster import memory_limits, start_ray, tolerate_lost_workers, trial_request, trial_resources
-from search.export import TUNE_DIR, UNFINISHED, TrialRecord, export_trials, trials_table
+from search.export import UNFINISHED, TrialRecord, export_trials, trials_table
 from search.final import run_final
 from search.settings import Settings, parse_settings
+from search.storage import TUNE_DIR, experiment_root, tune_location, tune_started
 from search.warm_start import STUDY_NAME, prepared_storage
 from spaces import archs_of, get_space
 from trainables.data import SEARCH_SPLITS, FERData, load_fer2013, stratified_fraction
@@ -44,9 +46,13 @@ def load_search_data(s: Settings) -> FERData:
 def check_experiment_dir(s: Settings) -> Path:
     """Refuse to overwrite an experiment, and to resume one that does not exist."""
     exp = s.experiment_dir
-    started = (exp / TUNE_DIR).exists()
+    started = tune_started(exp, s.storage)
     if s.resume and not started:
-        raise UserError(f"nothing to resume: {exp} has no search; run without --resume to start it")
+        where = f" (looked in {tune_location(exp, s.storage)})" if s.storage else ""
+        raise UserError(f"nothing to resume: {exp} has no search{where}; run without --resume to start it")
+    if not s.resume and s.storage and started:
+        raise UserError(f"{tune_location(exp, s.storage)} already holds a search; add --resume to continue it, "
+                        f"or choose another --name")
     if not s.resume and exp.exists() and any(exp.iterdir()):
         raise UserError(f"experiment {exp} already exists; add --resume to continue it, "
                         f"or choose another --name")
@@ -54,7 +60,7 @@ def check_experiment_dir(s: Settings) -> Path:
 
 
 # Settings that define what a search is; a resumed search must keep them.
-SEARCH_FIELDS = ("space", "data", "train_fraction", "labels", "ferplus", "seed", "num_samples", "max_epochs",
+SEARCH_FIELDS = ("space", "data", "storage", "train_fraction", "labels", "ferplus", "seed", "num_samples", "max_epochs",
                  "grace_epochs", "searcher", "scheduler", "pretrained", "warm_start", "known_good")
 
 
@@ -112,16 +118,18 @@ def study_storage(s: Settings, offer_weights: bool):
 
 
 def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurrent: int, writer, *,
-                offer_weights: bool = False, study=None):
+                offer_weights: bool = False, study=None, stoppers: Sequence = ()):
     """The Tuner: OptunaSearch (TPE or random, seeded) + ASHA or FIFO, or the restored one with --resume.
 
-    `study` is the Optuna storage of `study_storage` (made here when not given).
+    `study` is the Optuna storage of `study_storage` (made here when not given); `stoppers` are
+    Tune stoppers besides the time budget's (the benchmarks stop at a number of trial epochs).
     """
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
+    from ray.tune.stopper import CombinedStopper
 
     from search.tune_callbacks import BudgetStopper
     from trainables.tune_trainable import train_fer
@@ -137,10 +145,10 @@ def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurre
         tune.with_parameters(train_fer, data=data, max_epochs=s.max_epochs, seed=s.seed,
                              checkpoint_epochs=rungs, range_test_epochs=rungs[0],
                              threads=s.cpus_per_trial, memory_limit=limits), request)
-    storage = str(exp.resolve())
+    storage = experiment_root(exp, s.storage)  # --storage URI, or results/<name>
     if s.resume:
         # Finished trials (errored ones included) stay as they are; unfinished ones continue.
-        return tune.Tuner.restore(str(Path(storage) / TUNE_DIR), trainable, resume_unfinished=True,
+        return tune.Tuner.restore(tune_location(exp, s.storage), trainable, resume_unfinished=True,
                                   resume_errored=False)
     space = partial(get_space(s.space), ferplus=s.labels == "ferplus", offer_weights=offer_weights)
     sampler = (optuna.samplers.TPESampler(seed=s.seed) if s.searcher == "optuna"
@@ -157,18 +165,18 @@ def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurre
                                     num_samples=s.num_samples,
                                     trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(
-            name=TUNE_DIR, storage_path=storage, verbose=1, stop=BudgetStopper(),
+            name=TUNE_DIR, storage_path=storage, verbose=1, stop=CombinedStopper(BudgetStopper(), *stoppers),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=[writer]),
     )
 
 
-def print_summary(df, exp: Path) -> None:
+def print_summary(df, exp: Path, storage: str = "") -> None:
     """The five best trials, and where everything was written."""
     cols = [c for c in ["trial_id", "status", "objective", "epochs", "config/arch", "config/optimizer",
                         "config/lr", "config/augment"] if c in df.columns]
     print(df[cols].head(5).to_string(index=False))
-    print(f"\ntrials: {exp / 'trials.csv'}\ntensorboard: tensorboard --logdir {exp}")
+    print(f"\ntrials: {exp / 'trials.csv'}\ntensorboard: tensorboard --logdir {experiment_root(exp, storage)}")
 
 
 def search_budget(s: Settings, clock: Clock, data: FERData, concurrent: int) -> SearchBudget:
@@ -217,8 +225,8 @@ def run_search(s: Settings, started: float | None = None) -> int:
         pass
     finally:
         set_active(None)
-    trials = export_trials(exp, s.max_epochs, failed=failed)
-    print_summary(trials_table(trials), exp)
+    trials = export_trials(exp, s.max_epochs, failed=failed, storage=s.storage)
+    print_summary(trials_table(trials), exp, s.storage)
     if _interrupted(trials, s, budget):
         print(f"\nThe search was interrupted; finished trials are in {exp / 'trials.csv'}. To continue it, "
               f"run the same command with --name {s.name} --results {s.results} --resume", file=sys.stderr)

@@ -49,6 +49,10 @@ class Settings:
                       default_text=f"${DATA_ENV}, else data/fer2013.csv")
     name: str = _flag("", "experiment name", default_text="<space>-<timestamp>")
     results: str = _flag("results", "results folder", metavar="DIR")
+    storage: str = _flag("", "where Ray Tune keeps trials and checkpoints: a URI every node can reach "
+                             "(s3://bucket/prefix, gs://..., file:///shared/path, or a shared path); "
+                             "settings.json, trials.csv and final/ stay in --results",
+                         metavar="URI", default_text="--results")
     num_samples: int = _flag(32, "number of trials")
     max_epochs: int = _flag(30, "epochs per trial, ASHA's max_t")
     grace_epochs: int = _flag(2, "ASHA grace period in epochs (rungs at grace x 3^k)")

@@ -86,7 +86,7 @@ def earlier_trials(experiment: Path, space: Callable, space_name: str) -> tuple[
     from search.settings import read_settings
 
     earlier = read_settings(experiment)
-    records: list[TrialRecord] = [r for r in load_trials(experiment, earlier.max_epochs)
+    records: list[TrialRecord] = [r for r in load_trials(experiment, earlier.max_epochs, earlier.storage)
                                   if r.status not in ("ERROR", "RUNNING", "PENDING", "PAUSED")
                                   and math.isfinite(r.objective)]
     if not records:

@@ -15,11 +15,11 @@ writes a small data file for a machine that cannot hold the whole data set: a cl
 sample of Training plus all of PublicTest (never PrivateTest), uint8, about 49 MiB for 20,000
 Training images.
 
-It needs only torch, numpy, pandas and the project's `trainables` package: no Ray, no Optuna.
-Where kornia, matplotlib or torch-lr-finder is missing (a bare GPU machine), the modules that
-import them at the top still load: kornia's flip and crop are stood in for by plain torch ops
-of the same distribution (the `augment_impl` column says which ran), and the rest is never
-called here.
+It needs only torch, numpy, pandas, kornia and the project's `trainables` package: no Ray,
+no Optuna, no matplotlib. On a GPU machine without a package index, carry kornia's two
+wheels (7 MB; `pip download kornia kornia_rs --no-deps --only-binary=:all: --python-version
+3.12 --platform manylinux2014_x86_64 -d wheels/` on a connected machine) beside the subset
+file (49 MiB) and `pip install --no-deps wheels/*.whl` there.
 """
 from __future__ import annotations
 
@@ -31,107 +31,15 @@ import resource
 import sys
 import threading
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-# ---- stand-ins for libraries a bare GPU machine lacks ----
-# trainables.augment imports kornia, and trainables.lr_find matplotlib and torch_lr_finder, at
-# the top, and trainables.runner imports both. This check needs none of them beyond kornia's
-# flip and crop, so where one is missing a module object takes its place before `trainables`
-# is imported; anything else of it raises when used. This runs again in each spawned worker,
-# which imports this file as `__mp_main__`.
-
-class _RandomHorizontalFlip(nn.Module):
-    """Flip each image left-right with probability p (kornia.augmentation.RandomHorizontalFlip)."""
-
-    def __init__(self, p: float = 0.5) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flip = torch.rand(x.shape[0], device=x.device) < self.p
-        return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-
-
-class _RandomCrop(nn.Module):
-    """Pad, then crop `size` at a uniform per-image offset (kornia.augmentation.RandomCrop)."""
-
-    def __init__(self, size: tuple[int, int], padding: int = 0, padding_mode: str = "constant") -> None:
-        super().__init__()
-        self.size, self.padding, self.padding_mode = tuple(size), int(padding), padding_mode
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.padding
-        padded = F.pad(x, (p, p, p, p), mode=self.padding_mode) if p else x
-        b, c, hp, wp = padded.shape
-        h, w = self.size
-        oy = torch.randint(0, hp - h + 1, (b, 1, 1), device=x.device)
-        ox = torch.randint(0, wp - w + 1, (b, 1, 1), device=x.device)
-        rows = oy + torch.arange(h, device=x.device).view(1, h, 1)
-        cols = ox + torch.arange(w, device=x.device).view(1, 1, w)
-        # one gather for the whole batch: flat index of each output pixel in its padded image
-        idx = (rows * wp + cols).view(b, 1, h * w).expand(b, c, h * w)
-        return padded.flatten(2).gather(2, idx).view(b, c, h, w)
-
-
-def _stand_in(name: str, why: str, **attrs) -> types.ModuleType:
-    """A module called `name` holding `attrs`; any other attribute raises ModuleNotFoundError(why)."""
-    module = types.ModuleType(name)
-    module.__dict__.update(attrs)
-
-    def __getattr__(attr: str):
-        if attr.startswith("__"):  # what the import system probes (__path__, __spec__ ...): plainly absent
-            raise AttributeError(attr)
-        raise ModuleNotFoundError(f"{name}.{attr} is not available: {why}")
-
-    module.__getattr__ = __getattr__
-    sys.modules[name] = module
-    return module
-
-
-def _missing(name: str) -> bool:
-    """True when `name` cannot be imported (absent, or one of its own dependencies is)."""
-    try:
-        __import__(name)
-        return False
-    except ImportError:
-        return True
-
-
-def install_stand_ins() -> list[str]:
-    """Stand in for kornia, matplotlib and torch_lr_finder where they cannot be imported; returns their names."""
-    why = "not installed here; benchmarks/gpu_check.py stands in only for what it uses"
-    stood_in = []
-    if _missing("kornia"):
-        aug = _stand_in("kornia.augmentation", why, RandomHorizontalFlip=_RandomHorizontalFlip,
-                        RandomCrop=_RandomCrop)
-        enhance = _stand_in("kornia.enhance", why)
-        _stand_in("kornia", why, __path__=[], augmentation=aug, enhance=enhance)
-        stood_in.append("kornia")
-    if _missing("matplotlib"):
-        pyplot = _stand_in("matplotlib.pyplot", why)
-        _stand_in("matplotlib", why, __path__=[], use=lambda *args, **kwargs: None, pyplot=pyplot)
-        stood_in.append("matplotlib")
-    if _missing("torch_lr_finder"):
-        class LRFinder:  # what the LR range test would build: fail loudly, as the module would
-            def __init__(self, *args, **kwargs):
-                raise ModuleNotFoundError(f"torch_lr_finder is {why}")
-        finder = _stand_in("torch_lr_finder.lr_finder", why, LRFinder=LRFinder)
-        _stand_in("torch_lr_finder", why, __path__=[], LRFinder=LRFinder, lr_finder=finder)
-        stood_in.append("torch_lr_finder")
-    return stood_in
-
-
-STOOD_IN = install_stand_ins()
 
 from search.cli import Parser, run_cli  # noqa: E402
 from trainables.augment import POLICIES  # noqa: E402
@@ -340,8 +248,7 @@ def summarize(model: str, n: int, a: argparse.Namespace, reports: list[dict], t0
             / (max(r["ended"] for r in ok) - min(r["began"] for r in ok)),
             precision=ok[0]["precision"], hardware=ok[0]["hardware"])
     errors = sorted({r["error"] for r in reports if "error" in r})
-    row.update(wall_s=wall, augment_impl="torch stand-in" if "kornia" in STOOD_IN else "kornia",
-               note="; ".join(([note] if note else []) + errors))
+    row.update(wall_s=wall, note="; ".join(([note] if note else []) + errors))
     return row
 
 
@@ -381,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="training batch size (default 256)")
     p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate, cosine schedule (default 0.1)")
     p.add_argument("--augment", default="flip_crop",
-                   help="augmentation policy (default flip_crop; without kornia only none and flip_crop)")
+                   help="augmentation policy (default flip_crop)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first trial; trial i uses seed + i (default 0)")
     p.add_argument("--time-limit", type=float, default=420.0,
                    help="seconds for the whole check: configurations that would end later are skipped, "
@@ -399,8 +306,6 @@ def check_flags(a: argparse.Namespace) -> None:
         raise UserError("--n-trials and --epochs must be at least 1, --batch-size at least 2, --time-limit positive")
     if a.augment not in POLICIES:
         raise UserError(f"unknown augmentation policy '{a.augment}'; choose from {list(POLICIES)}")
-    if "kornia" in STOOD_IN and a.augment not in ("none", "flip_crop"):
-        raise UserError(f"--augment {a.augment} needs kornia, which is not installed; use none or flip_crop")
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif a.device == "cuda" and not torch.cuda.is_available():
@@ -425,9 +330,6 @@ def main(argv: list[str] | None = None) -> int:
     data = read_data(a.data, a.train_images, seed=a.seed)  # fails early on bad data; warms a CSV's cache
     print(f"data: {len(data.train)} Training + {len(data.val)} PublicTest images from {a.data}; "
           f"device {a.device}; {a.epochs} epochs, batch {a.batch_size}")
-    if STOOD_IN:
-        print(f"not installed here, stood in for: {', '.join(STOOD_IN)}"
-              + ("; flip/crop runs as plain torch ops, not kornia's" if "kornia" in STOOD_IN else ""))
     rows: list[dict] = []
     for model in dict.fromkeys(a.models):
         for n in sorted(set(a.n_trials)):

@@ -2,8 +2,9 @@
 
 `python benchmarks/overhead.py [--data PATH]` runs, on real FER2013:
 
-1. a small real search (--trials trials of --epochs epochs on --train-fraction of Training,
-   random searcher, no early stopping, as many trials at once as there are cores) and
+1. a small real search, with and without reusing trial processes (--trials trials of
+   --epochs epochs on --train-fraction of Training, random searcher, no early stopping,
+   as many trials at once as there are cores), and
    splits its wall time: Ray's start, each trial's set-up (model, data on the device),
    its epochs (training and PublicTest evaluation: the work), its checkpoints, and the rest
    (Tune's trial start, scheduling, reporting, the hand-off of the data);
@@ -13,7 +14,9 @@
 3. a trainable that does no work (reports --epochs times and returns): trials per minute
    through Tune, i.e. the fixed cost per trial.
 
-The overhead share is 1 - (sum of epoch seconds) / (wall seconds x slots). Writes
+The overhead share is 1 - (sum of epoch seconds) / (wall seconds x slots); the search's rows
+also split its machinery's slot-seconds by where they go (Tuner build, Tune's start, each
+trial's start, reporting, scheduling gaps, Tune's end; see `Timeline.breakdown`). Writes
 `results/benchmarks/overhead.csv`.
 """
 from __future__ import annotations
@@ -29,6 +32,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ray.tune import Callback  # noqa: E402
+
 from search.cluster import start_ray, tolerate_lost_workers, trial_resources  # noqa: E402
 from search.run import build_tuner, load_search_data  # noqa: E402
 from search.settings import parse_settings  # noqa: E402
@@ -36,6 +41,48 @@ from search.tune_callbacks import TrialsCsvWriter  # noqa: E402
 from trainables.files import write_csv  # noqa: E402
 
 _DATA = {}
+
+
+class Timeline(Callback):
+    """When each trial started, reported and completed, as the driver saw it (time.perf_counter())."""
+
+    def __init__(self) -> None:
+        self.starts, self.results, self.completes = {}, {}, {}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.starts[trial.trial_id] = time.perf_counter()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.results.setdefault(trial.trial_id, []).append((time.perf_counter(), dict(result)))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.completes[trial.trial_id] = time.perf_counter()
+
+    def breakdown(self, fit_start: float, fit_end: float, slots: int) -> dict:
+        """Slot-seconds of the search's machinery, by where they go.
+
+        tune_start: fit() until the first trial starts (per slot); trial_start: a trial's start until
+        its first report, less what the trainable itself measured (set-up, first epoch, checkpoint);
+        reporting: between two reports of a trial, less its epoch and checkpoint; scheduling: a slot
+        idle between one trial's completion and the next trial's start; tune_end: the last
+        completion until fit() returns (per slot).
+        """
+        out = {"tune_start_s": (min(self.starts.values()) - fit_start) * slots, "trial_start_s": 0.0,
+               "reporting_s": 0.0, "scheduling_s": 0.0,
+               "tune_end_s": (fit_end - max(self.completes.values(), default=fit_end)) * slots}
+        for tid, rows in self.results.items():
+            prev_t, prev = self.starts[tid], {"work_seconds": 0.0, "checkpoint_seconds": 0.0, "setup_seconds": 0.0}
+            for t, r in rows:
+                inside = sum(r.get(k, 0.0) - prev.get(k, 0.0) for k in ("work_seconds", "checkpoint_seconds",
+                                                                         "setup_seconds"))
+                key = "trial_start_s" if prev_t == self.starts[tid] else "reporting_s"
+                out[key] += max(0.0, (t - prev_t) - inside)
+                prev_t, prev = t, r
+        ordered = sorted(self.starts.items(), key=lambda kv: kv[1])[slots:]
+        for _tid, started in ordered:  # a slot freed by the latest completion before this start
+            before = [c for c in self.completes.values() if c <= started]
+            out["scheduling_s"] += started - max(before) if before else 0.0
+        return out
 
 
 def _init_worker(data) -> None:
@@ -66,30 +113,32 @@ def _no_work(config: dict) -> None:
         tune.report({"objective": 0.0, "epoch": epoch + 1})
 
 
-def search_part(a, results: Path) -> tuple[dict, list[dict], object]:
+def search_part(a, results: Path, *, reuse: bool, ray_start: float, cluster: dict) -> tuple[dict, list[dict]]:
     s = parse_settings(["--space", "convnet", "--data", a.data, "--train-fraction", str(a.train_fraction),
                         "--max-epochs", str(a.epochs), "--grace-epochs", str(a.epochs), "--scheduler", "fifo",
                         "--searcher", "random", "--num-samples", str(a.trials), "--seed", str(a.seed),
-                        "--no-known-good", "--no-final", "--results", str(results), "--name", "overhead"])
+                        "--no-known-good", "--no-final", "--results", str(results), "--name", f"reuse-{reuse}"])
     data = load_search_data(s)  # the same for both parts: not counted
-    started = time.perf_counter()
-    cluster = start_ray(s)
-    tolerate_lost_workers()
-    ray_start = time.perf_counter() - started
     resources, slots = trial_resources(s, cluster)
-    tuner = build_tuner(s, data, s.experiment_dir, resources, slots, TrialsCsvWriter(s.experiment_dir, s.max_epochs))
+    timeline = Timeline()
+    started = time.perf_counter()
+    tuner = build_tuner(s, data, s.experiment_dir, resources, slots, TrialsCsvWriter(s.experiment_dir, s.max_epochs),
+                        reuse_actors=reuse, callbacks=[timeline])
+    fit_start = time.perf_counter()
     grid = tuner.fit()
-    wall = time.perf_counter() - started
+    fit_end = time.perf_counter()
+    wall = fit_end - started + ray_start  # Ray's start counts against every search
     last = [r.metrics for r in grid if r.metrics]
     configs = [r.config for r in grid if r.metrics]
     work = sum(m["work_seconds"] for m in last)
     setup = sum(m["setup_seconds"] for m in last)
     ckpt = sum(m["checkpoint_seconds"] for m in last)
-    row = {"part": "search (Ray Tune + Optuna + our trainable)", "trials": len(last), "slots": slots,
-           "wall_s": wall, "ray_start_s": ray_start, "setup_s": setup, "work_s": work, "checkpoint_s": ckpt,
-           "other_s": wall * slots - work - setup - ckpt - ray_start * slots,
-           "overhead_share": 1 - work / (wall * slots), "trials_per_min": 60 * len(last) / wall}
-    return row, configs, data
+    row = {"part": f"search: Ray Tune + Optuna + our trainable (reuse_actors={reuse})", "trials": len(last),
+           "slots": slots, "wall_s": wall, "ray_start_s": ray_start, "setup_s": setup, "work_s": work,
+           "checkpoint_s": ckpt, "other_s": wall * slots - work - setup - ckpt - ray_start * slots,
+           "overhead_share": 1 - work / (wall * slots), "trials_per_min": 60 * len(last) / wall,
+           "tuner_build_s": (fit_start - started) * slots, **timeline.breakdown(fit_start, fit_end, slots)}
+    return row, configs
 
 
 def plain_part(a, configs: list[dict], data, slots: int) -> dict:
@@ -132,22 +181,33 @@ def main() -> None:
     a = p.parse_args()
     import ray
 
+    probe = parse_settings(["--space", "convnet", "--data", a.data, "--train-fraction", str(a.train_fraction),
+                            "--seed", str(a.seed), "--no-final", "--name", "probe"])
+    data = load_search_data(probe)
     with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        cluster = start_ray(probe)
+        tolerate_lost_workers()
+        ray_start = time.perf_counter() - started
         try:
-            search, configs, data = search_part(a, Path(tmp))
-            slots = search["slots"]
-            rows = [search, no_work_part(a, slots, reuse=False), no_work_part(a, slots, reuse=True)]
+            searches = [search_part(a, Path(tmp), reuse=reuse, ray_start=ray_start, cluster=cluster)
+                        for reuse in (True, False)]
+            slots = searches[0][0]["slots"]
+            rows = [row for row, _ in searches]
+            rows += [no_work_part(a, slots, reuse=False), no_work_part(a, slots, reuse=True)]
         finally:
             ray.shutdown()
-    rows.insert(1, plain_part(a, configs, data, slots))
+    search, configs = searches[0]
+    rows.insert(0, plain_part(a, configs, data, slots))
     df = pd.DataFrame(rows)
-    df["wall_vs_plain"] = df["wall_s"] / rows[1]["wall_s"]
+    df["wall_vs_plain"] = df["wall_s"] / rows[0]["wall_s"]
     write_csv(df, a.out)
     pd.set_option("display.width", 250)
     print(df.to_string(index=False, float_format=lambda v: f"{v:,.3f}"))
     print(f"\noverhead of the search: {100 * search['overhead_share']:.1f}% of its wall time x slots outside "
-          f"training epochs (plain loops: {100 * rows[1]['overhead_share']:.1f}%); the search took "
-          f"{search['wall_s'] / rows[1]['wall_s']:.2f}x the plain loops' wall time. wrote {a.out}")
+          f"training epochs ({100 * searches[1][0]['overhead_share']:.1f}% without reusing worker processes; "
+          f"plain loops: {100 * rows[0]['overhead_share']:.1f}%); the search took "
+          f"{search['wall_s'] / rows[0]['wall_s']:.2f}x the plain loops' wall time. wrote {a.out}")
 
 
 if __name__ == "__main__":

@@ -158,10 +158,10 @@ def plot(curves: pd.DataFrame, target: float, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="data/fer2013.csv", help="fer2013.csv or a Kaggle image folder")
-    p.add_argument("--train-fraction", type=float, default=0.1, help="share of Training per trial (default 0.1)")
-    p.add_argument("--max-epochs", type=int, default=6, help="epochs of a trial run to the end (default 6)")
+    p.add_argument("--train-fraction", type=float, default=0.05, help="share of Training per trial (default 0.05)")
+    p.add_argument("--max-epochs", type=int, default=4, help="epochs of a trial run to the end (default 4)")
     p.add_argument("--grace-epochs", type=int, default=1, help="ASHA's first rung (default 1)")
-    p.add_argument("--budget-epochs", type=int, default=60, help="trial epochs per search (default 60)")
+    p.add_argument("--budget-epochs", type=int, default=48, help="trial epochs per search (default 48)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--out", default="results/benchmarks", help="output folder (default results/benchmarks)")

@@ -11,6 +11,7 @@ of the same policy. It prints the ratios and writes them to
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from augment_bench import bench_augment  # noqa: E402
 
 from trainables.augment import build_augment, normalize, to_input  # noqa: E402
 from trainables.data import load_fer2013, stratified_fraction  # noqa: E402
-from trainables.device import pick_device, to_device  # noqa: E402
+from trainables.device import CPU_BF16_ENV, autocast, fast_training, pick_device, to_device  # noqa: E402
 from trainables.files import write_csv  # noqa: E402
 from trainables.models import build_model  # noqa: E402
 from trainables.optim import Schedule, build_optimizer  # noqa: E402
@@ -34,12 +35,16 @@ from trainables.train import train_one_epoch  # noqa: E402
 
 
 def bare_loop(model, x: torch.Tensor, y: torch.Tensor, batch: int, device) -> float:
-    """Images/s of the plainest loop: float tensors ready in memory, no augmentation, no schedule."""
+    """Images/s of the plainest loop: float tensors ready in memory, no augmentation, no schedule
+    (in the same precision and memory format as our step, so that only the loop differs)."""
     opt = build_optimizer("sgd", model.parameters(), lr=0.01)
     model.train()
+    if fast_training(device):
+        x = x.contiguous(memory_format=torch.channels_last)
     start = time.perf_counter()
     for i in range(0, len(x), batch):
-        loss = F.cross_entropy(model(x[i:i + batch]), y[i:i + batch])
+        with autocast(device):
+            loss = F.cross_entropy(model(x[i:i + batch]), y[i:i + batch])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -72,14 +77,29 @@ def main() -> None:
         train = stratified_fraction(train, a.images / len(train), seed=0)
     split = to_device(train, data.num_classes, device)
     model = build_model(a.arch, num_classes=data.num_classes).to(device)
+    if fast_training(device):
+        model = model.to(memory_format=torch.channels_last)
+    precision = "bf16 autocast, channels-last" if fast_training(device) else "fp32"
     x = normalize(to_input(split.x)).contiguous()
     rows = []
     ours(model, split, a.batch, device, "none")  # warm-up: allocator, kernels
     base = bare_loop(model, x, split.y, a.batch, device)
     for policy in ("none", "flip_crop", "strong"):
         ips = ours(model, split, a.batch, device, policy)
-        rows.append({"measure": f"train step ({a.arch}, augment={policy}) vs bare loop", "ours_per_s": ips,
-                     "baseline_per_s": base, "ratio": ips / base})
+        rows.append({"measure": f"train step ({a.arch}, augment={policy}, {precision}) vs bare loop",
+                     "ours_per_s": ips, "baseline_per_s": base, "ratio": ips / base})
+    if device.type == "cpu" and fast_training(device):
+        # The same step in fp32, contiguous: what a CPU without native bf16 (or FER_CPU_BF16=off) runs.
+        fast = rows[1]["ours_per_s"]
+        os.environ[CPU_BF16_ENV] = "off"
+        try:
+            plain = build_model(a.arch, num_classes=data.num_classes).to(device)
+            ours(plain, split, a.batch, device, "none")
+            fp32 = ours(plain, split, a.batch, device, "flip_crop")
+        finally:
+            del os.environ[CPU_BF16_ENV]
+        rows.append({"measure": f"train step ({a.arch}, augment=flip_crop): bf16 + channels-last vs fp32 on this "
+                                f"CPU", "ours_per_s": fast, "baseline_per_s": fp32, "ratio": fast / fp32})
     for policy in ("flip_crop", "strong"):
         aug = bench_augment(policy=policy, n=a.images, batch=256, images=train.x)
         rows.append({"measure": f"augmentation {policy}: batched vs per-image PIL",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +33,20 @@ EPOCH_SLACK = 0.15        # plan_final gives up at most this share of epochs for
 # From the search's stop to the final stage's plan: Tune stops the running trials, trials.csv is
 # written and the three splits are loaded (measured: 4-6 s on 2 busy CPU cores).
 STOP_SECONDS = 8.0
+
+
+def process_started() -> float:
+    """When this process started, as a `time.time()` value (its imports count against --time-budget too).
+
+    Read from Linux's /proc (start time in clock ticks after boot); elsewhere, now.
+    """
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return min(time.time(), boot + ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
 
 
 @dataclass

@@ -16,6 +16,7 @@ from trainables.faults import INJECT_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MEMORY_LIMIT_ENV = "FER_INJECT_MEMORY_LIMIT"  # GiB; see memory_limits
+MEMORY_STEP = 2**29  # a trial's host-memory request, in steps of 0.5 GiB (see trial_request)
 
 
 def start_ray(s: Settings) -> dict:
@@ -135,7 +136,9 @@ def trial_request(config: dict, *, cpus: int, gpus: float, limits: dict[str, flo
             share = host / limits["cuda"]
             bundle["GPU"] = min(1.0, max(gpus, math.ceil(share * 20) / 20))  # in steps of 5% of a card
         elif limits.get("cpu"):
-            bundle["memory"] = min(host, limits["cpu"])
+            # Rounded up to MEMORY_STEP so that similar trials ask for the same bundle: Tune reuses a
+            # finished trial's worker process only for a trial with the same request.
+            bundle["memory"] = min(math.ceil(host / MEMORY_STEP) * MEMORY_STEP, limits["cpu"])
     except UserError:  # a config the trial itself will reject, with its message
         pass
     return PlacementGroupFactory([{k: v for k, v in bundle.items() if v}])

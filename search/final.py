@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
 from search.analysis import print_table, write_error_analysis, write_readme, write_visualisations
-from search.budget import Clock, Measured, TimeSplit, full_epoch_seconds, plan_final
+from search.budget import Clock, Measured, TimeSplit, full_epoch_seconds, plan_final, process_started
 from search.candidates import select_candidates
 from search.cli import Parser, run_cli
 from search.cluster import trial_resources
@@ -52,7 +54,10 @@ def fit_to_budget(s: Settings, trials: Sequence[TrialRecord], clock: Clock, data
     """
     import ray
 
-    cluster = ray.cluster_resources() if ray.is_initialized() else {"CPU": 1}
+    # Ray is running under search.run; search.final alone starts it only to retrain, so it counts
+    # this machine's CPUs (a cluster's are known only once joined: one slot, the safe guess).
+    cluster = (ray.cluster_resources() if ray.is_initialized()
+               else {"CPU": 1 if s.address else (os.cpu_count() or 1)})
     _, slots = trial_resources(dataclasses.replace(s, num_samples=s.final_top_k * s.final_seeds), cluster)
     by_id = {t.trial_id: t for t in trials}
     ranked = select_candidates(trials, s.final_top_k)
@@ -128,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", help="the experiment folder, e.g. results/<name>")
     add_flags(p, OVERRIDABLE, from_experiment=True)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier final stage of this experiment")
+    p.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
+                   help="seconds for this stage, start-up included: configurations, seeds and epochs are cut to "
+                        "fit, from the per-epoch times the search measured (default: no limit)")
     return p
 
 
@@ -143,12 +151,22 @@ def parse_final(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.N
     return s, a
 
 
-def final_command(argv: Sequence[str] | None = None) -> int:
-    """Parse the flags, refuse to replace an earlier final stage unless asked, run the stage; returns 0."""
+def final_command(argv: Sequence[str] | None = None, started: float | None = None) -> int:
+    """Parse the flags, refuse to replace an earlier final stage unless asked, run the stage; returns 0.
+
+    `started` (a `time.time()` value, default now) is when --time-budget starts counting."""
+    started = started or time.time()
     s, flags = parse_final(argv)
+    if flags.time_budget < 0:
+        raise UserError(f"--time-budget must not be negative, got {flags.time_budget}")
     if (s.experiment_dir / FINAL_DIR / "metrics.csv").exists() and not flags.overwrite:
         raise UserError(f"{s.experiment_dir / FINAL_DIR} already holds a final stage; add --overwrite to replace it")
-    run_final(s, load_trials(s.experiment_dir, s.max_epochs, s.storage))
+    clock = Clock(flags.time_budget, started) if flags.time_budget else None
+    split = TimeSplit(budget=flags.time_budget, startup=clock.elapsed()) if clock else None
+    run_final(s, load_trials(s.experiment_dir, s.max_epochs, s.storage), clock=clock, split=split)
+    if split:
+        split.final = clock.elapsed() - split.startup
+        print(split.line())
     return 0
 
 
@@ -158,4 +176,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(partial(final_command, started=process_started())))

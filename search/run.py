@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Sequence
 
-from search.budget import Clock, SearchBudget, TimeSplit, set_active
+from search.budget import Clock, SearchBudget, TimeSplit, process_started, set_active
 from search.cli import run_cli
 from search.cluster import memory_limits, start_ray, tolerate_lost_workers, trial_request, trial_resources
 from search.export import UNFINISHED, TrialRecord, export_trials, trials_table
@@ -117,12 +117,24 @@ def study_storage(s: Settings, offer_weights: bool):
     return storage
 
 
+def startup_trials(num_samples: int) -> int:
+    """Random trials before TPE models the results: a fifth of the search, between 3 and Optuna's default 10.
+
+    With Optuna's fixed 10, a search of 10-15 trials would be (almost) a random search.
+    """
+    return max(3, min(10, num_samples // 5))
+
+
 def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurrent: int, writer, *,
-                offer_weights: bool = False, study=None, stoppers: Sequence = ()):
+                offer_weights: bool = False, study=None, stoppers: Sequence = (), callbacks: Sequence = (),
+                reuse_actors: bool = True):
     """The Tuner: OptunaSearch (TPE or random, seeded) + ASHA or FIFO, or the restored one with --resume.
 
     `study` is the Optuna storage of `study_storage` (made here when not given); `stoppers` are
-    Tune stoppers besides the time budget's (the benchmarks stop at a number of trial epochs).
+    Tune stoppers besides the time budget's (the benchmarks stop at a number of trial epochs), and
+    `callbacks` Tune callbacks besides `writer` (the benchmarks' timelines).
+    `reuse_actors`: a finished trial's worker process runs the next trial with the same resource
+    request, instead of a new process importing PyTorch again (see benchmarks/overhead.py).
     """
     import optuna
     from ray import tune
@@ -151,8 +163,8 @@ def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurre
         return tune.Tuner.restore(tune_location(exp, s.storage), trainable, resume_unfinished=True,
                                   resume_errored=False)
     space = partial(get_space(s.space), ferplus=s.labels == "ferplus", offer_weights=offer_weights)
-    sampler = (optuna.samplers.TPESampler(seed=s.seed) if s.searcher == "optuna"
-               else optuna.samplers.RandomSampler(seed=s.seed))
+    sampler = (optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=startup_trials(s.num_samples))
+               if s.searcher == "optuna" else optuna.samplers.RandomSampler(seed=s.seed))
     study = study or study_storage(s, offer_weights)
     searcher = ConcurrencyLimiter(OptunaSearch(space=space, metric=METRIC, mode=MODE, sampler=sampler,
                                                storage=study, study_name=STUDY_NAME), max_concurrent=concurrent)
@@ -162,12 +174,12 @@ def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurre
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                    num_samples=s.num_samples,
+                                    num_samples=s.num_samples, reuse_actors=reuse_actors,
                                     trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(
             name=TUNE_DIR, storage_path=storage, verbose=1, stop=CombinedStopper(BudgetStopper(), *stoppers),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=[writer]),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=[writer, *callbacks]),
     )
 
 
@@ -267,20 +279,6 @@ def _interrupted(trials: list[TrialRecord], s: Settings, budget: SearchBudget | 
 def main(argv: list[str] | None = None, started: float | None = None) -> int:
     """Entry point: `python -m search.run`."""
     return run_search(parse_settings(argv), started=started)
-
-
-def process_started() -> float:
-    """When this process started, as a `time.time()` value (its imports count against --time-budget too).
-
-    Read from Linux's /proc (start time in clock ticks after boot); elsewhere, now.
-    """
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime"))
-        return min(time.time(), boot + ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError, StopIteration):
-        return time.time()
 
 
 if __name__ == "__main__":

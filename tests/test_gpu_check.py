@@ -92,12 +92,13 @@ def test_check_table_for_one_and_two_trials_at_once(subset, tmp_path):
     assert df["speedup"].iloc[0] == pytest.approx(1.0)
     assert df["val_acc_mean"].between(0, 1).all()
     assert (df["val_acc_min"] <= df["val_acc_max"]).all() and (df["peak_rss_mib"] > 0).all()
-    assert (df["augment_impl"] == "kornia").all() and df["precision"].isin(["fp32", "bf16"]).all()
+    assert df["precision"].isin(["fp32", "bf16"]).all()
 
 
-def test_check_runs_where_kornia_matplotlib_lr_finder_ray_and_optuna_are_missing(subset, tmp_path):
+def test_check_runs_where_matplotlib_lr_finder_ray_and_optuna_are_missing(subset, tmp_path):
+    """What a bare GPU machine has: torch, numpy, pandas and the carried kornia wheels."""
     blocked = tmp_path / "blocked"
-    for name in ("kornia", "matplotlib", "torch_lr_finder", "ray", "optuna"):
+    for name in ("matplotlib", "torch_lr_finder", "ray", "optuna"):
         (blocked / name).mkdir(parents=True)
         (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked by this test')\n")
     env = {"PYTHONPATH": str(blocked)}  # the spawned workers inherit it
@@ -105,13 +106,11 @@ def test_check_runs_where_kornia_matplotlib_lr_finder_ray_and_optuna_are_missing
     r = run_check("--device", "cpu", "--data", str(subset), "--models", "convnet", "--n-trials", "1",
                   "--epochs", "1", "--out", str(out), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "stood in for: kornia, matplotlib, torch_lr_finder" in r.stdout
     row = pd.read_csv(out).iloc[0]
     assert row["finished"] == 1 and row["img_s_per_trial"] > 0 and 0 <= row["val_acc_mean"] <= 1
-    assert row["augment_impl"] == "torch stand-in"
 
 
-def test_time_limit_skips_and_bad_flags_are_one_line(gpu_check, subset, tmp_path, capsys, monkeypatch):
+def test_time_limit_skips_and_bad_flags_are_one_line(gpu_check, subset, tmp_path, capsys):
     out = tmp_path / "gpu_check.csv"
     cli, main = gpu_check["run_cli"], gpu_check["main"]
     code = cli(main, ["--device", "cpu", "--data", str(subset), "--models", "convnet", "resnet18-keep",
@@ -122,6 +121,5 @@ def test_time_limit_skips_and_bad_flags_are_one_line(gpu_check, subset, tmp_path
     assert capsys.readouterr().out.count("skipped") >= 4
     assert cli(main, ["--data", str(subset), "--models", "vgg"]) == 2
     assert "error: unknown model 'vgg'" in capsys.readouterr().err
-    monkeypatch.setitem(main.__globals__, "STOOD_IN", ["kornia"])  # as where kornia is not installed
-    assert cli(main, ["--device", "cpu", "--data", str(subset), "--augment", "strong"]) == 2
-    assert "needs kornia" in capsys.readouterr().err
+    assert cli(main, ["--device", "cpu", "--data", str(subset), "--augment", "nope"]) == 2
+    assert "unknown augmentation policy 'nope'" in capsys.readouterr().err

@@ -8,23 +8,19 @@ device) through a `DataLoader` over indices, and report its suggestion rule:
 the learning rate where the smoothed loss falls fastest ("steepest gradient"), but
 searched only before the loss's minimum: with batch norm the loss often falls again
 after blowing up, and the plain rule then picks a rate past the blow-up (1.1 for
-SGD on FER2013, where the minimum is at 0.04).
+SGD on FER2013, where the minimum is at 0.04). torch-lr-finder and matplotlib are imported
+where they are used, so that a trial (or benchmarks/gpu_check.py on a bare GPU machine) that
+never runs the test does not need them.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torch_lr_finder.lr_finder as _finder_module
 from torch.utils.data import DataLoader
-from torch_lr_finder import LRFinder
 
 from trainables.augment import normalize, to_input
 from trainables.optim import build_optimizer
@@ -37,6 +33,8 @@ BLOWUP = 1.2  # the smoothed loss this many times its lowest so far: the sweep h
 
 @contextlib.contextmanager
 def _quiet():
+    import torch_lr_finder.lr_finder as _finder_module
+
     saved = _finder_module.tqdm
     _finder_module.tqdm = lambda iterable, *args, **kwargs: iterable
     try:
@@ -71,6 +69,8 @@ def lr_range_test(model: torch.nn.Module, train, *, optimizer: str = "sgd", batc
     loader = DataLoader(range(steps * batch_size), batch_size=batch_size, shuffle=False, collate_fn=collate)
     opt = build_optimizer(optimizer, model.parameters(), lr=start_lr, weight_decay=weight_decay,
                           momentum=momentum)
+    from torch_lr_finder import LRFinder
+
     finder = LRFinder(model, opt, F.cross_entropy, device=device)  # takes soft targets too
     # The finder prints a progress bar and chatty lines; in a trial's log they are noise
     # (and tqdm reads its off-switch only at import, which Ray's workers did long before).
@@ -100,6 +100,11 @@ def suggest_lr(lrs: list[float], losses: list[float]) -> float:
 
 def plot_curve(result: dict, path: str) -> None:
     """Write the loss-vs-LR curve, with the suggestion marked, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(result["lrs"], result["losses"])
     ax.axvline(result["suggested_lr"], color="red", linestyle="--",

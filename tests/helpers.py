@@ -30,3 +30,10 @@ def run_command(module: str, *args: str, env: dict | None = None, timeout: float
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=cwd or ROOT)
+
+
+def read_table(path, **kwargs):
+    """A CSV the project wrote, with trial ids kept as text (an id like 01234567 is not a number)."""
+    import pandas as pd
+
+    return pd.read_csv(path, dtype={"trial_id": str}, **kwargs)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -22,7 +22,7 @@ from search.evaluate import main as evaluate_main
 from search.export import TrialRecord
 from search.final import main as final_main
 from search.retrain import retrain, without_test
-from tests.helpers import run_command
+from tests.helpers import read_table, run_command
 from trainables.config import TrialConfig
 from trainables.data import EMOTIONS, SPLITS, FERData, load_fer2013, make_demo
 from trainables.errors import UserError
@@ -90,7 +90,7 @@ def _one_line_error(r) -> str:
 def test_search_never_reads_private_test_but_final_does(experiment):
     search = experiment["search"]
     assert search.returncode == 0, search.stderr[-3000:]
-    trials = pd.read_csv(experiment["exp"] / "trials.csv")
+    trials = read_table(experiment["exp"] / "trials.csv")
     assert len(trials) == 2 and trials["val_acc"].between(0, 1).all()
     # The final stage reads PrivateTest and so meets the garbage: the first PrivateTest row is
     # data row 280, line 282 of the file (after the header).
@@ -124,7 +124,7 @@ def test_final_writes_every_output(final_dir):
 
 
 def test_metrics_csv_rows_and_numbers(final_dir):
-    df = pd.read_csv(final_dir / "metrics.csv")
+    df = read_table(final_dir / "metrics.csv")
     ttas = ["none", "flip", "tencrop"]
     counts = df.groupby(["kind", "tta"]).size()
     for tta in ttas:
@@ -151,7 +151,7 @@ def test_metrics_csv_rows_and_numbers(final_dir):
     ens_best = df[(df["kind"] == "ensemble_best") & (df["tta"] == "none")].iloc[0]
     assert ens_best["accuracy"] == pytest.approx(best["accuracy"])
     # Each run trained at its trial's rate: the one its range test found, or the searched one.
-    trials = pd.read_csv(experiment_dir(final_dir) / "trials.csv").set_index("trial_id")
+    trials = read_table(experiment_dir(final_dir) / "trials.csv").set_index("trial_id")
     for row in runs.itertuples():
         trial = trials.loc[row.trial_id]
         rate = trial["found_lr"] if trial["config/lr_mode"] == "range_test" else trial["config/lr"]
@@ -168,15 +168,15 @@ def experiment_dir(final_dir):
 
 
 def test_per_class_and_confusion_tables_add_up(final_dir):
-    per_class = pd.read_csv(final_dir / "per_class.csv")
+    per_class = read_table(final_dir / "per_class.csv")
     assert (per_class.groupby(["model", "tta"])["support"].sum() == SIZES["PrivateTest"]).all()
     assert len(per_class.groupby(["model", "tta"])) == 4 * 3  # 2 runs + 2 ensembles, 3 TTA modes
-    cm = pd.read_csv(final_dir / "confusion_matrix.csv")
+    cm = read_table(final_dir / "confusion_matrix.csv")
     classes = list(EMOTIONS)
     model = cm["model"].iloc[0]
     assert (cm["model"] == model).all() and model in (final_dir / "README.md").read_text()
     # The analysed model is the best by PublicTest without TTA, single runs before ensembles on a tie.
-    metrics = pd.read_csv(final_dir / "metrics.csv")
+    metrics = read_table(final_dir / "metrics.csv")
     metrics["model"] = np.where(metrics["kind"] == "run",
                                 metrics["config"] + "-seed" + metrics["seed"].astype("Int64").astype(str),
                                 metrics["kind"])
@@ -191,8 +191,8 @@ def test_per_class_and_confusion_tables_add_up(final_dir):
         row = scored[(scored["model"] == model) & (scored["tta"] == tta)]
         assert len(row) == 1 and np.trace(counts) / counts.sum() == pytest.approx(row["accuracy"].iloc[0])
     none = cm[(cm["tta"] == "none") & (cm["value"] == "count")][classes].to_numpy()
-    pairs = pd.read_csv(final_dir / "confused_pairs.csv")
-    wrong = pd.read_csv(final_dir / "misclassified.csv")
+    pairs = read_table(final_dir / "confused_pairs.csv")
+    wrong = read_table(final_dir / "misclassified.csv")
     assert pairs["count"].sum() == len(wrong) == none.sum() - np.trace(none)
     assert list(pairs["count"]) == sorted(pairs["count"], reverse=True)
     assert (pairs["share_of_true"].between(0, 1)).all()
@@ -215,7 +215,7 @@ def test_evaluate_cli_prints_the_same_numbers(final_dir, experiment):
     r = run_command("search.evaluate", "--model", str(path), "--data", str(experiment["root"] / "good.csv"),
                 "--tta", "none", "flip")
     assert r.returncode == 0, r.stderr[-3000:]
-    metrics = pd.read_csv(final_dir / "metrics.csv")
+    metrics = read_table(final_dir / "metrics.csv")
     run = metrics[(metrics["kind"] == "run") & (metrics["seed"] == int(path.stem.rsplit("seed", 1)[1]))]
     printed = {line.split()[1]: line.split() for line in r.stdout.splitlines() if line.startswith("PrivateTest ")}
     header = next(line.split() for line in r.stdout.splitlines() if line.split()[:2] == ["split", "tta"])
@@ -347,7 +347,7 @@ def test_final_overwrite_with_resource_overrides(final_dir, experiment, tmp_path
     assert "x 1 seeds for 1 epochs" in r.stdout and "(1 CPU, 0.0 GPU each)" in r.stdout
     weights = sorted(p.name for p in (exp / "final" / "models").glob("*.pt"))
     assert len(weights) == 1 and weights[0].endswith(f"-{RUNS[0]}.pt")  # the earlier second seed's run is gone
-    metrics = pd.read_csv(exp / "final" / "metrics.csv")
+    metrics = read_table(exp / "final" / "metrics.csv")
     assert set(metrics["tta"]) == {"none"} and (metrics[metrics["kind"] == "run"]["seed"] == int(SEARCH_SEED) + 1).all()
 
 
@@ -377,3 +377,19 @@ def test_evaluate_refuses_a_model_with_another_class_count(tmp_path, capsys):
     assert evaluate_main(["--model", str(path), "--data", "demo"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "predicts 8 classes but demo has 7" in err and len(err.splitlines()) == 1
+
+
+def test_final_alone_within_a_time_budget(experiment, tmp_path):
+    """`search.final --time-budget`: the stage is planned from the search's epoch times and ends in time."""
+    exp = tmp_path / "X"
+    shutil.copytree(experiment["exp"], exp, ignore=shutil.ignore_patterns("final"))
+    budget = 30
+    started = time.time()
+    r = run_command("search.final", str(exp), "--data", str(experiment["root"] / "good.csv"), "--final-top-k", "2",
+                    "--final-seeds", "3", "--final-epochs", "500", "--final-tta", "none", "--time-budget", str(budget))
+    wall = time.time() - started
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "final stage within the time budget" in r.stdout and f"time budget {budget} s:" in r.stdout
+    assert wall <= budget * 1.05 + 2, wall
+    runs = read_table(exp / "final" / "metrics.csv").query("kind == 'run'")
+    assert len(runs) >= 1 and (runs["best_epoch"] < 500).all()  # cut to fit

@@ -12,10 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
-from tests.helpers import ROOT, run_command
+from tests.helpers import ROOT, read_table, run_command
 
 # With TPE seeded 5, the first five convnet configs (TPE's random start-up draws) are:
 # sgd/bs64, adamw/bs64/mixup, adam/bs64, adam/bs64, adamw/bs128.
@@ -60,7 +59,7 @@ def test_failing_and_diverging_trials_do_not_stop_the_search(tmp_path):
                     "--name", "f", env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     exp = tmp_path / "f"
-    df = pd.read_csv(exp / "trials.csv")
+    df = read_table(exp / "trials.csv")
     assert len(df) == 5
     by_opt = {opt: sorted(g["status"]) for opt, g in df.groupby("config/optimizer")}
     assert by_opt == {"sgd": ["ERROR"], "adam": ["COMPLETED", "COMPLETED"], "adamw": ["DIVERGED", "DIVERGED"]}
@@ -147,7 +146,7 @@ def test_sigkill_then_resume_keeps_finished_trials(tmp_path):
     before = _finished_trials(exp)
     hung = _hung_trial(exp)
     # trials.csv is written as trials finish, so a killed driver leaves it behind, current.
-    written = pd.read_csv(exp / "trials.csv")
+    written = read_table(exp / "trials.csv")
     completed = {f"trial_{t}" for t in written[written["status"] == "COMPLETED"]["trial_id"]}
     assert len(completed) >= 2 and completed <= set(before)
     studied_before = {t.number: (t.params, t.value) for t in _study_trials(exp) if t.state.name == "COMPLETE"}
@@ -155,7 +154,7 @@ def test_sigkill_then_resume_keeps_finished_trials(tmp_path):
 
     r = run_command("search.run", *args, "--resume")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    df = pd.read_csv(exp / "trials.csv")
+    df = read_table(exp / "trials.csv")
     assert len(df) == 5 and set(df["status"]) == {"COMPLETED"}
     for name, epochs in before.items():  # finished before the kill: kept, not retrained
         assert _trained_epochs(exp / "tune" / name) == epochs
@@ -179,7 +178,7 @@ def test_ctrl_c_exports_and_exits_130(tmp_path):
         _kill(p)  # a failed check must not leave the driver and its Ray running
     assert p.returncode == 130, out[-2000:] + err[-2000:]
     assert f"--name c --results {tmp_path} --resume" in err and "Traceback" not in err
-    df = pd.read_csv(exp / "trials.csv")
+    df = read_table(exp / "trials.csv")
     assert len(df) >= 1 and df["status"].isin(["PENDING", "RUNNING", "PAUSED", "COMPLETED"]).all()
 
 
@@ -193,7 +192,7 @@ def test_a_worker_killed_for_memory_costs_only_its_trial(tmp_path):
                     "--results", str(tmp_path), "--name", "m", env=env)
     # The driver finishes (exit 0); a killed worker's own shutdown noise in Ray's log is not the driver's.
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    df = pd.read_csv(tmp_path / "m" / "trials.csv")
+    df = read_table(tmp_path / "m" / "trials.csv")
     assert len(df) == 3
     sgd = df[df["config/optimizer"] == "sgd"].iloc[0]
     assert sgd["status"] == "ERROR" and "OutOfMemoryError" in sgd["error"] and "killed" in sgd["error"]
@@ -207,7 +206,7 @@ def test_a_trial_that_cannot_fit_fails_alone_with_its_reason(tmp_path):
                     "--num-samples", "3", "--max-epochs", "1", "--grace-epochs", "1", "--no-final",
                     "--results", str(tmp_path), "--name", "n", env={"FER_INJECT_MEMORY_LIMIT": "2"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]  # (Ray logs each failed trial's traceback)
-    df = pd.read_csv(tmp_path / "n" / "trials.csv").set_index("config/arch")
+    df = read_table(tmp_path / "n" / "trials.csv").set_index("config/arch")
     assert df.loc["resnet18", "status"] == "COMPLETED"
     for arch in ("resnet50", "resnet101"):
         assert df.loc[arch, "status"] == "ERROR" and df.loc[arch, "epochs"] == 0

@@ -7,12 +7,11 @@ import pickle
 import re
 import time
 
-import pandas as pd
 import pytest
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from search.cli import run_cli
-from tests.helpers import run_command, write_fer_csv
+from tests.helpers import read_table, run_command, write_fer_csv
 
 
 def _tb_tags(trial_dir):
@@ -39,7 +38,7 @@ def demo_experiment(tmp_path_factory):
 
 def test_trials_csv_has_one_row_per_trial(demo_experiment):
     exp, _ = demo_experiment
-    df = pd.read_csv(exp / "trials.csv")
+    df = read_table(exp / "trials.csv")
     assert len(df) == N_DEMO and df["trial_id"].is_unique
     for col in ["trial_id", "status", "val_acc", "epochs", "seconds", "node_id", "config/arch", "config/lr_mode",
                 "config/optimizer", "config/augment", "config/batch_size", "config/weight_decay"]:
@@ -52,7 +51,7 @@ def test_trials_csv_has_one_row_per_trial(demo_experiment):
 
 def test_asha_stops_trials_at_its_rungs(demo_experiment):
     exp, _ = demo_experiment
-    df = pd.read_csv(exp / "trials.csv")
+    df = read_table(exp / "trials.csv")
     stopped, completed = df[df["status"] == "STOPPED"], df[df["status"] == "COMPLETED"]
     assert len(stopped) >= 1 and len(completed) >= 1
     assert (stopped["epochs"] == 1).all() and (completed["epochs"] == 3).all()  # the only rung is epoch 1
@@ -79,7 +78,7 @@ def test_known_good_configurations_run_first(demo_experiment):
 
 def test_warm_start_seeds_the_sampler_with_the_earlier_finished_trials(demo_experiment, tmp_path):
     exp, _ = demo_experiment
-    earlier = pd.read_csv(exp / "trials.csv")
+    earlier = read_table(exp / "trials.csv")
     r = run_command("search.run", "--space", "convnet", "--data", "demo", "--num-samples", "1", "--max-epochs", "1",
                     "--grace-epochs", "1", "--train-fraction", "0.5", "--no-final", "--no-known-good",
                     "--warm-start", str(exp), "--results", str(tmp_path), "--name", "w", "--seed", "5")
@@ -90,7 +89,7 @@ def test_warm_start_seeds_the_sampler_with_the_earlier_finished_trials(demo_expe
     warm = [t for t in study if "warm_start" in t.user_attrs]
     assert sorted(t.value for t in warm) == sorted(earlier["objective"])
     assert {t.user_attrs["warm_start"] for t in warm} == {f"demo/{tid}" for tid in earlier["trial_id"]}
-    assert len(study) == len(earlier) + 1 and len(pd.read_csv(tmp_path / "w" / "trials.csv")) == 1
+    assert len(study) == len(earlier) + 1 and len(read_table(tmp_path / "w" / "trials.csv")) == 1
 
 
 def test_warm_start_keeps_the_trials_that_fit_and_refuses_when_none_does(demo_experiment, capsys):
@@ -98,7 +97,7 @@ def test_warm_start_keeps_the_trials_that_fit_and_refuses_when_none_does(demo_ex
     from search.warm_start import earlier_trials
 
     exp, _ = demo_experiment
-    earlier = pd.read_csv(exp / "trials.csv")
+    earlier = read_table(exp / "trials.csv")
 
     def small_only(trial):  # a space whose widths are a subset of the convnet space's
         trial.suggest_categorical("width", [16, 32])
@@ -122,7 +121,7 @@ def test_optuna_asha_and_trials_csv_share_one_objective(demo_experiment):
     """Optuna's value of every finished trial, ASHA-stopped ones included, is its trials.csv objective:
     the best PublicTest accuracy over the epochs it ran (not its last epoch's)."""
     exp, _ = demo_experiment
-    df = pd.read_csv(exp / "trials.csv")
+    df = read_table(exp / "trials.csv")
     with open(max(glob.glob(str(exp / "tune" / "searcher-state-*.pkl"))), "rb") as f:
         study = pickle.load(f)["_ot_study"].trials
     assert len(study) == N_DEMO and all(t.state.name == "COMPLETE" for t in study)
@@ -208,9 +207,9 @@ def test_quick_start_path_with_time_budget_random_searcher_and_final_stage(tmp_p
     assert re.search(r"time budget 60 s: start-up \d+ s, search \d+ s, final stage \d+ s", r.stdout)
     plan = split["plan"]
     assert plan["top_k"] * plan["seeds"] * plan["epochs"] < 3 * 3 * 8  # cut to fit
-    df = pd.read_csv(exp / "trials.csv")
+    df = read_table(exp / "trials.csv")
     assert 1 <= len(df) < 40 and df["val_acc"].notna().any()
-    metrics = pd.read_csv(exp / "final" / "metrics.csv")
+    metrics = read_table(exp / "final" / "metrics.csv")
     assert set(metrics["kind"]) == {"run", "mean", "std", "ensemble_all", "ensemble_best"}
     assert len(metrics[metrics["kind"] == "run"]) == plan["top_k"] * plan["seeds"]
     with open(max(glob.glob(str(exp / "tune" / "searcher-state-*.pkl"))), "rb") as f:
@@ -244,7 +243,7 @@ def test_ferplus_labels_through_the_cli(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"{kept['Training']} training images, {kept['PublicTest']} PublicTest images" in r.stdout
     assert kept["PublicTest"] == 18  # 21 rows, 3 of them not faces
-    df = pd.read_csv(tmp_path / "r" / "fp" / "trials.csv")
+    df = read_table(tmp_path / "r" / "fp" / "trials.csv")
     assert len(df) == 1 and df["status"].iloc[0] == "COMPLETED" and "config/soft_labels" in df.columns
     assert json.loads((tmp_path / "r" / "fp" / "settings.json").read_text())["labels"] == "ferplus"
 
@@ -265,7 +264,7 @@ def test_search_on_real_fer2013(tmp_path, real_fer_csv):
                 "--num-samples", "2", "--max-epochs", "2", "--scheduler", "fifo", "--seed", "77",
                 "--results", str(tmp_path), "--name", "real", "--no-final")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    df = pd.read_csv(tmp_path / "real" / "trials.csv")
+    df = read_table(tmp_path / "real" / "trials.csv")
     assert len(df) == 2 and df["val_acc"].between(0, 1).all()
     assert df["val_acc"].max() > 0.30  # PublicTest's majority class (happy) is 24.9%
     n_train = int(re.search(r"(\d+) training images, 3589 PublicTest images", r.stdout).group(1))
@@ -283,7 +282,7 @@ def test_range_test_never_costs_more_than_a_tenth_of_the_trial(tmp_path):
                     "--results", str(tmp_path), "--name", "d")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     n_train = int(re.search(r"(\d+) training images", r.stdout).group(1))
-    df = pd.read_csv(tmp_path / "d" / "trials.csv")
+    df = read_table(tmp_path / "d" / "trials.csv")
     tested = df[df["config/lr_mode"] == "range_test"]
     assert len(tested) == 2 and set(df["status"]) == {"COMPLETED"}
     assert (tested["range_test_images"] <= 0.1 * n_train * 1).all()

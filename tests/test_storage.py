@@ -5,11 +5,10 @@ two nodes of one CPU each, so two concurrent trials run on different nodes).
 """
 from __future__ import annotations
 
-import pandas as pd
 import pytest
 
 from search.storage import experiment_root, resolve, tune_location, tune_started
-from tests.helpers import run_command
+from tests.helpers import read_table, run_command
 
 
 def test_locations_for_a_uri_and_a_plain_path(tmp_path):
@@ -43,19 +42,19 @@ def test_search_resume_and_final_stage_through_a_file_uri_on_two_nodes(two_nodes
     r = run_command("search.run", *flags)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (tmp_path / "shared" / "st" / "tune").is_dir() and not (results / "st" / "tune").exists()
-    df = pd.read_csv(results / "st" / "trials.csv")
+    df = read_table(results / "st" / "trials.csv")
     assert len(df) == 2 and (df["status"] == "COMPLETED").all()
     assert df["node_id"].nunique() == 2  # one trial per node: both wrote to the shared storage
     assert all((tmp_path / "shared" / "st" / "tune" / f"trial_{t}" / "result.json").is_file() for t in df["trial_id"])
 
     r = run_command("search.run", *flags, "--resume")  # reads the experiment back from the URI
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert pd.read_csv(results / "st" / "trials.csv")[["trial_id", "objective"]].equals(df[["trial_id", "objective"]])
+    assert read_table(results / "st" / "trials.csv")[["trial_id", "objective"]].equals(df[["trial_id", "objective"]])
 
     r = run_command("search.final", str(results / "st"), "--final-top-k", "1", "--final-seeds", "1",
                     "--final-epochs", "1", "--final-tta", "none")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    metrics = pd.read_csv(results / "st" / "final" / "metrics.csv")
+    metrics = read_table(results / "st" / "final" / "metrics.csv")
     assert metrics["config"].iloc[0] == f"top1-{df['trial_id'].iloc[0]}"
 
     r = run_command("search.run", *[f for f in flags if f != "--no-final"], "--results", str(tmp_path / "other"))

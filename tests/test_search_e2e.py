@@ -277,7 +277,8 @@ def test_range_test_never_costs_more_than_a_tenth_of_the_trial(tmp_path):
     Before the bound the test's floor of 30 steps made it see 7,680 images (54 epochs of the
     trial's data); now it may see 10% of 141 and is skipped for the default rate, saying so.
     """
-    r = run_command("search.run", "--space", "densenet", "--seed", "2", "--data", "demo", "--train-fraction", "0.1",
+    r = run_command("search.run", "--space", "densenet", "--seed", "2", "--no-known-good", "--data", "demo",
+                    "--train-fraction", "0.1",
                     "--num-samples", "2", "--max-epochs", "1", "--grace-epochs", "1", "--no-final",
                     "--results", str(tmp_path), "--name", "d")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from trainables.config import TrialConfig
+from trainables.device import fast_training
 from trainables.models import forward_with_hooks
 from trainables.runner import model_from_config
 
@@ -35,7 +36,8 @@ GIB = 2**30
 # activations, and the CUDA context left to the fraction's headroom.
 FIXED_BYTES = {"cpu": int(1.2 * GIB), "cuda": int(0.6 * GIB)}
 ACTIVATION_FACTOR = {"cpu": 1.15, "cuda": 1.15}
-ACTIVATION_BYTES = {"cpu": 4, "cuda": 2}        # fp32 on CPU, bf16 autocast on CUDA
+# bf16 autocast (CUDA, and CPUs with native bf16) keeps activations in 2 bytes, fp32 in 4.
+ACTIVATION_BYTES = {"fp32": 4, "bf16": 2}
 OPTIMIZER_STATES = {"sgd": 1, "adam": 2, "adamw": 2}  # momentum; Adam's two moments
 
 
@@ -80,7 +82,8 @@ def estimate_memory(config: TrialConfig | Mapping[str, Any], num_classes: int = 
     outputs = layer_outputs(model)
     states = 2 + OPTIMIZER_STATES.get(cfg.optimizer, 2)  # weights, gradients, optimizer state
     parameter_bytes = 4 * params * states
-    activation_bytes = cfg.batch_size * outputs * ACTIVATION_BYTES[device] * ACTIVATION_FACTOR[device]
+    precision = "bf16" if fast_training(torch.device(device)) else "fp32"
+    activation_bytes = cfg.batch_size * outputs * ACTIVATION_BYTES[precision] * ACTIVATION_FACTOR[device]
     total = FIXED_BYTES[device] + parameter_bytes + activation_bytes
     return {"bytes": float(total), "params": float(params), "outputs_per_image": float(outputs),
             "parameter_bytes": float(parameter_bytes), "activation_bytes": float(activation_bytes)}

@@ -17,7 +17,7 @@
 The overhead share is 1 - (sum of epoch seconds) / (wall seconds x slots); the search's rows
 also split its machinery's slot-seconds by where they go (Tuner build, Tune's start, each
 trial's start, reporting, scheduling gaps, Tune's end; see `Timeline.breakdown`). Writes
-`results/benchmarks/overhead.csv`.
+`results/benchmarks/overhead.csv` and `overhead.png` (where each run's slot-seconds go).
 """
 from __future__ import annotations
 
@@ -169,6 +169,29 @@ def no_work_part(a, slots: int, reuse: bool) -> dict:
             "seconds_per_trial_slot": wall * slots / a.no_work_trials}
 
 
+def plot(df: pd.DataFrame, path: Path) -> None:
+    """Where each run's slot-seconds go, one stacked bar per run (plain loops, the two searches)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = {"training epochs": df["work_s"], "trial set-up": df["setup_s"], "checkpoints": df["checkpoint_s"],
+             "Ray start": df["ray_start_s"] * df["slots"], "the rest (starts, scheduling, idle)": df["other_s"]}
+    fig, ax = plt.subplots(figsize=(10, 3.2))
+    left = pd.Series(0.0, index=df.index)
+    for label, values in parts.items():
+        ax.barh(df["part"], values.fillna(0.0), left=left, label=label)
+        left += values.fillna(0.0)
+    ax.set_xlabel("slot-seconds (wall seconds x trials at once)")
+    ax.invert_yaxis()
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("Where a small search's time goes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="data/fer2013.csv", help="fer2013.csv or a Kaggle image folder")
@@ -202,6 +225,7 @@ def main() -> None:
     df = pd.DataFrame(rows)
     df["wall_vs_plain"] = df["wall_s"] / rows[0]["wall_s"]
     write_csv(df, a.out)
+    plot(df.iloc[:3], Path(a.out).with_suffix(".png"))
     pd.set_option("display.width", 250)
     print(df.to_string(index=False, float_format=lambda v: f"{v:,.3f}"))
     print(f"\noverhead of the search: {100 * search['overhead_share']:.1f}% of its wall time x slots outside "

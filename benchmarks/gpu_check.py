@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from search.cli import Parser, run_cli  # noqa: E402
 from trainables.augment import POLICIES  # noqa: E402
-from trainables.data import EMOTIONS, SPLITS, FERData, Split, load_fer2013, stratified_fraction  # noqa: E402
+from trainables.data import EMOTIONS, SEARCH_SPLITS, SPLITS, FERData, Split, load_fer2013, stratified_fraction  # noqa: E402
 from trainables.device import autocast, pick_device  # noqa: E402
 from trainables.errors import UserError  # noqa: E402
 from trainables.files import atomic_path, write_csv  # noqa: E402
@@ -57,7 +57,6 @@ MODELS: dict[str, dict] = {
     "resnet18-stride": {"arch": "resnet18", "stem": "stride"},
     "resnet18-keep": {"arch": "resnet18", "stem": "keep"},
 }
-KEPT_SPLITS = ("Training", "PublicTest")  # a subset file never holds PrivateTest (the protocol)
 
 
 # ---- data: the project's loader, or a small .npz subset ----
@@ -83,7 +82,7 @@ def _read_npz(path: Path) -> FERData:
     if len(emotion) and (emotion.min() < 0 or emotion.max() >= len(EMOTIONS)):
         raise UserError(f"{path}: emotion labels must be in 0..{len(EMOTIONS) - 1}")
     splits = {}
-    for name in KEPT_SPLITS:
+    for name in SEARCH_SPLITS:
         keep = usage == names.index(name) if name in names else np.zeros(len(usage), bool)
         if not keep.any():
             raise UserError(f"{path} holds no {name} images")
@@ -102,7 +101,7 @@ def read_data(source: str, train_images: int, *, seed: int = 0) -> FERData:
     if train_images < 7:
         raise UserError(f"--train-images must be at least 7 (one per class), got {train_images}")
     path = Path(source).expanduser()
-    data = _read_npz(path) if path.suffix == ".npz" and source != "demo" else load_fer2013(source, splits=KEPT_SPLITS)
+    data = _read_npz(path) if path.suffix == ".npz" and source != "demo" else load_fer2013(source, splits=SEARCH_SPLITS)
     if len(data.train) > train_images:
         train = stratified_fraction(data.train, train_images / len(data.train), seed=seed)
         data = FERData(data.classes, {"Training": train, "PublicTest": data.val}, data.source, data.test_name)
@@ -125,7 +124,7 @@ def make_subset(source: str, out: Path, train_images: int, *, seed: int = 0) -> 
             emotion=np.concatenate([p.y.numpy() for p in parts]).astype(np.int64),
             usage=np.concatenate([np.full(len(p), i, np.int8) for i, p in enumerate(parts)]),
             rows=np.concatenate([p.rows.numpy() for p in parts]).astype(np.int64),
-            usage_names=np.array(KEPT_SPLITS),
+            usage_names=np.array(SEARCH_SPLITS),
             emotion_names=np.array(data.classes),
         )
     out.chmod(0o644)  # atomic_path's temporary file is private (0600); this one is meant to be copied

@@ -23,7 +23,7 @@ from typing import Sequence
 
 from search.analysis import print_table, write_error_analysis, write_readme, write_visualisations
 from search.budget import Clock, Measured, TimeSplit, full_epoch_seconds, plan_final, process_started
-from search.candidates import select_candidates
+from search.candidates import Candidate, select_candidates
 from search.cli import Parser, run_cli
 from search.cluster import trial_resources
 from search.export import TrialRecord, load_trials
@@ -45,11 +45,11 @@ def clear_outputs(out: Path) -> None:
         shutil.rmtree(out / sub, ignore_errors=True)
 
 
-def fit_to_budget(s: Settings, trials: Sequence[TrialRecord], clock: Clock, data, ttas: Sequence[str],
-                  split: TimeSplit | None) -> tuple[Settings, float]:
+def fit_to_budget(s: Settings, trials: Sequence[TrialRecord], candidates: Sequence[Candidate], clock: Clock, data,
+                  ttas: Sequence[str], split: TimeSplit | None) -> tuple[Settings, float]:
     """The final stage's top-k, seeds and epochs cut to the time left, and the deadline of its runs.
 
-    Sized from the per-epoch times the search measured for its best trials (see `search.budget`);
+    Sized from the per-epoch times the search measured for `candidates`, best first (see `search.budget`);
     a UserError when not one epoch of the best configuration fits.
     """
     import ray
@@ -60,9 +60,8 @@ def fit_to_budget(s: Settings, trials: Sequence[TrialRecord], clock: Clock, data
                else {"CPU": 1 if s.address else (os.cpu_count() or 1)})
     _, slots = trial_resources(dataclasses.replace(s, num_samples=s.final_top_k * s.final_seeds), cluster)
     by_id = {t.trial_id: t for t in trials}
-    ranked = select_candidates(trials, s.final_top_k)
     n_search = round(len(data.train) * s.train_fraction)
-    times = [full_epoch_seconds(Measured.of(by_id[c.trial_id]), n_search, len(data.train)) for c in ranked]
+    times = [full_epoch_seconds(Measured.of(by_id[c.trial_id]), n_search, len(data.train)) for c in candidates]
     left = clock.left()
     plan = plan_final(times, slots=slots, top_k=s.final_top_k, seeds=s.final_seeds, epochs=s.final_epochs,
                       seconds=left, n_full=len(data.train), n_test=len(data.test), ttas=len(ttas))
@@ -98,7 +97,7 @@ def run_final(settings: Settings, trials: Sequence[TrialRecord], *, clock: Clock
     ttas = [ANALYSIS_TTA, *dict.fromkeys(t for t in s.final_tta if t != ANALYSIS_TTA)]  # the analysis needs "none"
     deadline = None
     if clock:
-        s, deadline = fit_to_budget(s, trials, clock, data, ttas, split)
+        s, deadline = fit_to_budget(s, trials, candidates, clock, data, ttas, split)
         candidates = candidates[:s.final_top_k]
     epochs = s.final_epochs or s.max_epochs
     clear_outputs(out)

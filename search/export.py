@@ -28,7 +28,8 @@ def _filesystem(trial):
     return getattr(getattr(trial, "storage", None), "storage_filesystem", None) or pafs.LocalFileSystem()
 
 
-def _read_results(fs, trial_dir: str) -> list[dict]:
+def read_results(fs, trial_dir: str) -> list[dict]:
+    """The rows of a trial's result.json (one per reported epoch), up to a line a kill cut short."""
     text = read_text(fs, f"{trial_dir}/result.json")
     if not text:
         return []
@@ -106,7 +107,7 @@ def records_of(trials, max_epochs: int, *, ray_status: dict[str, str] | None = N
     records = []
     for trial in trials:
         status = (ray_status or {}).get(trial.trial_id, trial.status)
-        results = _read_results(_filesystem(trial), trial.path) if trial.path else []
+        results = read_results(_filesystem(trial), trial.path) if trial.path else []
         live = getattr(trial, "last_result", None) or {}
         if live.get("epoch") and live.get("training_iteration") not in [r.get("training_iteration") for r in results]:
             results.append(live)  # reported, not yet flushed to result.json

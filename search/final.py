@@ -27,6 +27,7 @@ from search.candidates import Candidate, select_candidates
 from search.cli import Parser, run_cli
 from search.cluster import trial_resources
 from search.export import TrialRecord, load_trials
+from search.report import report_at_end
 from search.retrain import load_final_data, retrain_all
 from search.scoring import ANALYSIS_TTA, choose_analysed, metrics_table, per_class_table, predict_runs, score_models
 from search.settings import FINAL_FLAGS, Settings, add_flags, check_settings, read_settings
@@ -163,6 +164,7 @@ def final_command(argv: Sequence[str] | None = None, started: float | None = Non
     clock = Clock(flags.time_budget, started) if flags.time_budget else None
     split = TimeSplit(budget=flags.time_budget, startup=clock.elapsed()) if clock else None
     run_final(s, load_trials(s.experiment_dir, s.max_epochs, s.storage), clock=clock, split=split)
+    report_at_end(s.experiment_dir)
     if split:
         split.final = clock.elapsed() - split.startup
         print(split.line())

@@ -20,9 +20,11 @@ from search.cli import run_cli
 from search.cluster import memory_limits, start_ray, tolerate_lost_workers, trial_request, trial_resources
 from search.export import UNFINISHED, TrialRecord, export_trials, trials_table
 from search.final import run_final
+from search.report import report_at_end
 from search.settings import Settings, parse_settings
 from search.storage import TUNE_DIR, experiment_root, tune_location, tune_started
-from search.warm_start import STUDY_NAME, prepared_storage
+from search.study import STUDY_NAME
+from search.warm_start import StudySeed, prepared_storage, study_seed
 from spaces import archs_of, get_space
 from trainables.data import SEARCH_SPLITS, FERData, load_fer2013, stratified_fraction
 from trainables.errors import UserError
@@ -108,13 +110,13 @@ def asha_rungs(s: Settings) -> list[int]:
     return [*rungs, s.max_epochs]
 
 
-def study_storage(s: Settings, offer_weights: bool):
-    """The Optuna storage the searcher starts from: --warm-start's trials added, known-good configs enqueued."""
-    storage, notes = prepared_storage(s.space, ferplus=s.labels == "ferplus", offer_weights=offer_weights,
-                                      warm_start=s.warm_start, use_known_good=s.known_good)
-    for note in notes:
+def seed_study(s: Settings, offer_weights: bool) -> StudySeed:
+    """What the study starts from: --warm-start's trials, the known-good configs; prints what it holds."""
+    seed = study_seed(s.space, ferplus=s.labels == "ferplus", offer_weights=offer_weights,
+                      warm_start=s.warm_start, use_known_good=s.known_good)
+    for note in seed.notes:
         print(note)
-    return storage
+    return seed
 
 
 def startup_trials(num_samples: int) -> int:
@@ -126,11 +128,12 @@ def startup_trials(num_samples: int) -> int:
 
 
 def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurrent: int, writer, *,
-                offer_weights: bool = False, study=None, stoppers: Sequence = (), callbacks: Sequence = (),
-                reuse_actors: bool = False):
+                offer_weights: bool = False, study: StudySeed | None = None, stoppers: Sequence = (),
+                callbacks: Sequence = (), reuse_actors: bool = False):
     """The Tuner: OptunaSearch (TPE or random, seeded) + ASHA or FIFO, or the restored one with --resume.
 
-    `study` is the Optuna storage of `study_storage` (made here when not given); `stoppers` are
+    `study` is what the study starts from (`seed_study`, made here when not given); the study itself
+    is written to `optuna.db` in the experiment folder (`search.study`); `stoppers` are
     Tune stoppers besides the time budget's (the benchmarks stop at a number of trial epochs), and
     `callbacks` Tune callbacks besides `writer` (the benchmarks' timelines).
     `reuse_actors`: a finished trial's worker process runs the next trial with the same resource
@@ -142,10 +145,9 @@ def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurre
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
     from ray.tune.stopper import CombinedStopper
 
-    from search.tune_callbacks import BudgetStopper
+    from search.tune_callbacks import BudgetStopper, TrackedOptunaSearch
     from trainables.tune_trainable import train_fer
 
     limits = memory_limits(bool(resources["gpu"]))
@@ -167,9 +169,10 @@ def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurre
     space = partial(get_space(s.space), ferplus=s.labels == "ferplus", offer_weights=offer_weights)
     sampler = (optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=startup_trials(s.num_samples))
                if s.searcher == "optuna" else optuna.samplers.RandomSampler(seed=s.seed))
-    study = study or study_storage(s, offer_weights)
-    searcher = ConcurrencyLimiter(OptunaSearch(space=space, metric=METRIC, mode=MODE, sampler=sampler,
-                                               storage=study, study_name=STUDY_NAME), max_concurrent=concurrent)
+    study_db = prepared_storage(exp, study or seed_study(s, offer_weights))
+    searcher = ConcurrencyLimiter(TrackedOptunaSearch(space=space, metric=METRIC, mode=MODE, sampler=sampler,
+                                                      storage=study_db, study_name=STUDY_NAME),
+                                  max_concurrent=concurrent)
     scheduler = (ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode=MODE, max_t=s.max_epochs,
                                grace_period=s.grace_epochs, reduction_factor=3)
                  if s.scheduler == "asha" else FIFOScheduler())
@@ -213,7 +216,7 @@ def run_search(s: Settings, started: float | None = None) -> int:
         check_resume_settings(s)
     data = load_search_data(s)
     offer_weights = False if s.resume else offers_weights(s)  # a resumed search keeps its space
-    study = None if s.resume else study_storage(s, offer_weights)  # a bad --warm-start fails before Ray starts
+    study = None if s.resume else seed_study(s, offer_weights)  # a bad --warm-start fails before Ray starts
     cluster = start_ray(s)
     tolerate_lost_workers()
     resources, concurrent = trial_resources(s, cluster)
@@ -251,6 +254,7 @@ def run_search(s: Settings, started: float | None = None) -> int:
             print(f"search stopped by the time budget with {clock.left():.0f} s left for the final stage")
     if s.final:
         run_final(s, trials, clock=clock, split=split)
+    report_at_end(exp)
     if split:
         split.final = clock.elapsed() - split.startup - split.search
         split.write(exp)

@@ -1,13 +1,16 @@
-"""Tune callbacks of the search: trials.csv kept current while the search runs, and the time-budget stopper."""
+"""Tune plug-ins of the search: trials.csv kept current while it runs, the time-budget stopper, the searcher."""
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 from ray.tune import Callback, Stopper
+from ray.tune.search.optuna import OptunaSearch
 
 from search.budget import Measured, active
 from search.export import TrialRecord, records_of, trials_table
+from search.study import TRIAL_ATTR, MirroredStorage
 from trainables.files import write_csv
 from trainables.metrics import METRIC
 
@@ -60,3 +63,36 @@ class BudgetStopper(Stopper):
     def stop_all(self) -> bool:
         budget = active()
         return budget is not None and budget.search_over(list(self.measured.values()))
+
+
+class TrackedOptunaSearch(OptunaSearch):
+    """Ray's OptunaSearch, with each Optuna trial labelled by its Tune trial id (`search.study.TRIAL_ATTR`),
+    and `optuna.db` rewritten from the snapshot it is restored from (`search.study.MirroredStorage`).
+
+    So a trial in `optuna.db` (the dashboard, the report) can be matched to its row of
+    trials.csv and its Tune folder; Ray's own class keeps that mapping only in memory.
+    """
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        if isinstance(self._storage, MirroredStorage):
+            self._storage.attach()
+
+    def suggest(self, trial_id: str):
+        config = super().suggest(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
+        if config is not None and ot_trial is not None and TRIAL_ATTR not in ot_trial.user_attrs:
+            ot_trial.set_user_attr(TRIAL_ATTR, trial_id)
+        return config
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        # Tune hands the result of a trial its scheduler stops to on_trial_complete only, never to
+        # on_trial_result: report it too, so the study's learning curve of that trial is whole.
+        ot_trial = self._ot_trials.get(trial_id)
+        step = (result or {}).get("training_iteration")
+        if (ot_trial is not None and step is not None and result.get(self.metric) is not None
+                and trial_id not in self._completed_trials):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna ignores, with a warning, a step already reported
+                ot_trial.report(result[self.metric], step)
+        super().on_trial_complete(trial_id, result=result, error=error)

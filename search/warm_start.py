@@ -6,7 +6,8 @@ sampling its first trials at random. Each earlier config is replayed through the
 (`optuna.trial.FixedTrial`), which gives the new space's distributions; a trial whose
 parameters the new space lacks or does not contain is left out, and the command says how many
 fit. Ray's `OptunaSearch` cannot take `evaluated_rewards` with a define-by-run space, so the
-study is built here in an Optuna storage that `OptunaSearch` then loads (`storage`, `study_name`).
+study is built here in the experiment's Optuna storage (`optuna.db`, see `search.study`) that
+`OptunaSearch` then loads (`storage`, `study_name`).
 
 The known-good configurations of each space are enqueued (`enqueue_trial`) to run first,
 unless --no-known-good. Where each comes from is written beside it.
@@ -15,14 +16,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 from search.export import TrialRecord, load_trials
+from search.study import STUDY_NAME, open_storage
 from trainables.errors import UserError
-
-STUDY_NAME = "optuna"  # the name Ray's OptunaSearch gives its study
 
 # A published FER2013 recipe: Khaireddin & Chen, "Facial Emotion Recognition: State of the Art
 # Performance on FER2013" (2021, arXiv:2105.03588) train a VGG-style network with SGD, Nesterov
@@ -109,31 +110,45 @@ def earlier_trials(experiment: Path, space: Callable, space_name: str) -> tuple[
     return trials, note
 
 
-def prepared_storage(space_name: str, *, ferplus: bool, offer_weights: bool, warm_start: str, use_known_good: bool,
-                     direction: str = "maximize"):
-    """An Optuna storage holding the study Ray's OptunaSearch will load: earlier trials added, known-good
-    configurations enqueued. Returns (storage, lines to print)."""
-    import optuna
+@dataclass(frozen=True)
+class StudySeed:
+    """What the study starts with: earlier trials to add, known-good parameters to enqueue, lines to print."""
 
+    trials: list = field(default_factory=list)
+    enqueued: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+
+def study_seed(space_name: str, *, ferplus: bool, offer_weights: bool, warm_start: str,
+               use_known_good: bool) -> StudySeed:
+    """The earlier trials of --warm-start that fit the space and its known-good configurations; writes nothing,
+    so a bad --warm-start fails before anything is created."""
     from spaces import get_space
 
     space = partial(get_space(space_name), ferplus=ferplus, offer_weights=offer_weights)
     if warm_start and not (Path(warm_start) / "settings.json").is_file():
         raise UserError(f"--warm-start {warm_start} is not an experiment folder (no settings.json); "
                         f"pass results/<name>")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # Tune's table reports the trials
-    storage = optuna.storages.InMemoryStorage()
-    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction=direction)
-    notes = []
+    trials, notes = [], []
     if warm_start:
         trials, note = earlier_trials(Path(warm_start), space, space_name)
-        study.add_trials(trials)
         notes.append(note)
-    if use_known_good:
-        configs = known_good(space_name, space)
-        for params in configs:
-            study.enqueue_trial(params)
-        if configs:
-            notes.append(f"known-good: the first {len(configs)} trials are this space's known-good configurations "
-                         f"(search/warm_start.py says where each comes from; --no-known-good to skip them)")
-    return storage, notes
+    configs = known_good(space_name, space) if use_known_good else []
+    if configs:
+        notes.append(f"known-good: the first {len(configs)} trials are this space's known-good configurations "
+                     f"(search/warm_start.py says where each comes from; --no-known-good to skip them)")
+    return StudySeed(trials, configs, notes)
+
+
+def prepared_storage(experiment_dir: Path, seed: StudySeed, direction: str = "maximize"):
+    """The experiment's Optuna storage (`optuna.db`, see `search.study`) holding the study Ray's OptunaSearch
+    will load, with `seed`'s earlier trials added and its known-good configurations enqueued."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # Tune's table reports the trials
+    storage = open_storage(experiment_dir)
+    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction=direction)
+    study.add_trials(seed.trials)
+    for params in seed.enqueued:
+        study.enqueue_trial(params)
+    return storage

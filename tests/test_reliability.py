@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from search.study import TRIAL_ATTR, load_study
 from tests.helpers import ROOT, read_table, run_command
 
 # With TPE seeded 5, the first five convnet configs (TPE's random start-up draws) are:
@@ -161,11 +162,16 @@ def test_sigkill_then_resume_keeps_finished_trials(tmp_path):
         assert _trained_epochs(exp / "tune" / name) == epochs
     # The unfinished trial continued from its epoch-1 checkpoint: epoch 1 was not trained again.
     assert _epochs(exp / "tune" / hung) == [1, 2]
-    trials = {t.number: t for t in _study_trials(exp)}
+    # optuna.db, what the dashboard shows, agrees with Tune after the resume: one finished trial per
+    # row of trials.csv with its objective (a trial that ended after Tune's last snapshot ran again).
+    trials = {t.number: t for t in load_study(exp).trials}
     assert len(trials) == 5 and all(t.state.name == "COMPLETE" for t in trials.values())
     for number, (params, value) in studied_before.items():  # the Optuna history survived the kill
         assert trials[number].params == params and trials[number].value == value
-    assert sorted(t.value for t in trials.values()) == sorted(df["objective"])  # the resumed trial's too
+    by_id = {t.user_attrs[TRIAL_ATTR]: t for t in trials.values()}
+    assert sorted(by_id) == sorted(df["trial_id"])
+    for row in df.itertuples():  # the resumed trial's too
+        assert by_id[row.trial_id].value == pytest.approx(row.objective)
 
 
 def test_ctrl_c_exports_and_exits_130(tmp_path):

@@ -12,10 +12,12 @@ import pytest
 from tests.helpers import ROOT
 
 PACKAGES = ("search", "trainables", "spaces")
-# The commands (`python -m search.<name>`): library code never imports them, and the only
-# command that imports another is the search, which runs the final stage when it ends.
-COMMANDS = {"search.run", "search.final", "search.evaluate", "search.lr_find", "search.augment_preview"}
-ALLOWED_COMMAND_IMPORTS = {("search.run", "search.final")}
+# The commands (`python -m search.<name>`): library code never imports them; the search runs
+# the final stage when it ends, and both write the report when they end.
+COMMANDS = {"search.run", "search.final", "search.evaluate", "search.lr_find", "search.augment_preview",
+            "search.report"}
+ALLOWED_COMMAND_IMPORTS = {("search.run", "search.final"), ("search.run", "search.report"),
+                           ("search.final", "search.report")}
 
 
 def _modules() -> dict[str, Path]:

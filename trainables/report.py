@@ -91,32 +91,20 @@ def plot_kernels(model: "torch.nn.Module", path: str | os.PathLike, *, title: st
     _save(fig, path)
 
 
-def _deepest_spatial_conv(model: "torch.nn.Module", x: "torch.Tensor", min_side: int = 6):
-    """The deepest Conv2d whose output is still at least `min_side` pixels wide: coarse enough to be
-    semantic, fine enough to show *where* on the face it fires."""
-    import torch.nn as nn
-
-    from trainables.models import forward_with_hooks
-
-    sizes: list[tuple[nn.Module, int]] = []
-    forward_with_hooks(model, x, [m for m in model.modules() if isinstance(m, nn.Conv2d)],
-                       lambda mod, _, out: sizes.append((mod, out.shape[-1])))
-    wide = [mod for mod, side in sizes if side >= min_side]
-    return wide[-1] if wide else sizes[0][0]
-
-
 def emotion_activations(model: "torch.nn.Module", x_uint8: "torch.Tensor", y: "torch.Tensor", num_classes: int,
                         *, per_class: int = 200, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Per emotion: the mean face and the mean activation map (channel-mean |activation| of the deepest
-    conv that keeps a spatial grid, upsampled to 48x48), over up to `per_class` images of that emotion."""
+    conv that keeps a spatial grid, `explain.explained_layer`, upsampled to 48x48), over up to
+    `per_class` images of that emotion."""
     import torch
     import torch.nn.functional as F
 
     from trainables.augment import normalize, to_input
+    from trainables.explain import explained_layer
 
     model.eval()
     device = next(model.parameters()).device
-    layer = _deepest_spatial_conv(model, normalize(to_input(x_uint8[:2].to(device))))
+    layer = explained_layer(model, x_uint8)
     faces = np.zeros((num_classes, *x_uint8.shape[-2:]), dtype=np.float32)
     maps = np.zeros_like(faces)
     for c in range(num_classes):
@@ -157,4 +145,76 @@ def plot_activations(faces: np.ndarray, maps: np.ndarray, class_names: Sequence[
         for ax in axes[:, c]:
             ax.axis("off")
     fig.suptitle(title or "mean face, and activation relative to the average emotion", fontsize=9)
+    _save(fig, path)
+
+
+# --------------------------------------------------------------------------- where it looks, how it arranges faces
+
+def plot_gradcam_grid(images: np.ndarray, maps: np.ndarray, captions: Sequence[str], row_labels: Sequence[str],
+                      columns: int, path: str | os.PathLike, *, title: str = "") -> None:
+    """Rows of faces (N, H, W uint8) with their Grad-CAM (N, H, W in [0, 1]) over them; an empty caption
+    leaves its cell blank (an emotion with fewer examples than columns)."""
+    rows = max(1, math.ceil(len(images) / columns))
+    fig = Figure(figsize=(1.5 * columns + 0.9, 1.75 * rows + 0.5), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_visible(False)
+        if k < len(images) and captions[k]:
+            ax.imshow(images[k], cmap="gray", vmin=0, vmax=255)
+            ax.imshow(maps[k], cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+            ax.set_title(captions[k], fontsize=7)
+        if k % columns == 0:
+            ax.set_ylabel(row_labels[k // columns], fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)
+
+
+def plot_mean_gradcam(faces: np.ndarray, maps: np.ndarray, counts: Sequence[int], class_names: Sequence[str],
+                      path: str | os.PathLike, *, title: str = "") -> None:
+    """Per emotion: the mean face of the images averaged, and their mean Grad-CAM over it."""
+    n = len(class_names)
+    fig = Figure(figsize=(1.6 * n, 2.2), layout="constrained")
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    for c, ax in enumerate(axes):
+        ax.axis("off")
+        ax.imshow(faces[c], cmap="gray", vmin=0, vmax=255)
+        if counts[c]:
+            ax.imshow(maps[c], cmap="jet", alpha=0.45, vmin=0.0, vmax=float(maps.max()) or 1.0)
+        ax.set_title(f"{class_names[c]} ({counts[c]})", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)
+
+
+def plot_embedding(xy: np.ndarray, y: np.ndarray, class_names: Sequence[str], pairs: Sequence[tuple[int, int]],
+                   path: str | os.PathLike, *, title: str = "") -> None:
+    """A 2-D embedding coloured by emotion, each emotion's median point labelled, and the given class pairs
+    (the most confused) joined by a dashed line between their medians."""
+    from matplotlib import colormaps
+
+    colours = colormaps["tab10"]
+    fig = Figure(figsize=(7.5, 6.5), layout="constrained")
+    ax = fig.subplots()
+    centres = {}
+    for c, name in enumerate(class_names):
+        pts = xy[y == c]
+        if not len(pts):
+            continue
+        ax.scatter(pts[:, 0], pts[:, 1], s=5, alpha=0.55, color=colours(c % 10), label=f"{name} ({len(pts)})")
+        centres[c] = np.median(pts, axis=0)
+    for rank, (i, j) in enumerate(pairs, start=1):
+        if i in centres and j in centres:
+            (x0, y0), (x1, y1) = centres[i], centres[j]
+            ax.plot([x0, x1], [y0, y1], "k--", linewidth=1.2)
+            ax.annotate(f"#{rank}", ((x0 + x1) / 2, (y0 + y1) / 2), fontsize=9, fontweight="bold")
+    for c, (cx, cy) in centres.items():
+        ax.annotate(class_names[c], (cx, cy), fontsize=10, fontweight="bold", ha="center", va="center",
+                    bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "alpha": 0.8,
+                          "edgecolor": colours(c % 10)})
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(fontsize=7, markerscale=3, loc="best")
+    ax.set_title(title, fontsize=9)
     _save(fig, path)

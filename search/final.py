@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", help="the experiment folder, e.g. results/<name>")
     add_flags(p, OVERRIDABLE, from_experiment=True)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier final stage of this experiment")
+    p.add_argument("--no-report", action="store_true",
+                   help="skip report.html and its figures at the end (python -m search.report writes them later)")
     p.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
                    help="seconds for this stage, start-up included: configurations, seeds and epochs are cut to "
                         "fit, from the per-epoch times the search measured (default: no limit)")
@@ -164,7 +166,8 @@ def final_command(argv: Sequence[str] | None = None, started: float | None = Non
     clock = Clock(flags.time_budget, started) if flags.time_budget else None
     split = TimeSplit(budget=flags.time_budget, startup=clock.elapsed()) if clock else None
     run_final(s, load_trials(s.experiment_dir, s.max_epochs, s.storage), clock=clock, split=split)
-    report_at_end(s.experiment_dir)
+    if not flags.no_report:
+        report_at_end(s.experiment_dir)
     if split:
         split.final = clock.elapsed() - split.startup
         print(split.line())

@@ -27,7 +27,7 @@ import pandas as pd
 
 from search import search_plots as sp
 from search.cli import Parser, run_cli
-from search.model_figures import MODEL_FIGURES, analysed_model, load_public_test
+from search.model_figures import MODEL_FIGURES, ModelView, analysed_model, load_public_test
 from search.settings import Settings, read_settings
 from search.study import STUDY_FILE
 from trainables.files import write_text
@@ -110,21 +110,35 @@ def _draw(sec: Section, figures: Path, name: str, draw: Callable[[Path], str]) -
 
 def search_section(exp: Path, s: Settings, trials: pd.DataFrame, figures: Path) -> Section:
     sec = Section("search", "How the search went")
-    history = sp.trial_histories(exp, s.storage)
+    try:
+        history = sp.trial_histories(exp, s.storage)
+    except sp.NoData as why:
+        sec.note(str(why))
+        history = pd.DataFrame(columns=["trial_id", *sp.HISTORY_KEYS])
     _draw(sec, figures, "anytime.png", lambda p: sp.plot_anytime(history, p))
     _draw(sec, figures, "learning_curves.png", lambda p: sp.plot_learning_curves(history, trials, p))
     source = (f"the study in {STUDY_FILE} (optuna-dashboard sqlite:///{exp / STUDY_FILE} shows it live)"
               if (exp / STUDY_FILE).is_file() else "a study rebuilt from trials.csv (this experiment has no "
                                                    f"{STUDY_FILE})")
-    study = sp.study_of(exp, s, trials)
+    study = sp.study_of(exp, s, trials, history)
     try:
         ranked = sp.importances(study)
     except sp.NoData as why:
         sec.note(f"Hyperparameter importance: {why}.")
         return sec
     sec.note(f"Importance, slices and parallel coordinates come from {source}.")
-    sec.table(pd.DataFrame({"hyperparameter": list(ranked), "importance (fANOVA)": [round(float(v), 3) for v in
-                                                                                    ranked.values()]}))
+    table = pd.DataFrame({"hyperparameter": list(ranked),
+                          "importance (fANOVA), final objective": [round(float(v), 3) for v in ranked.values()]})
+    if s.scheduler == "asha":
+        try:
+            rung = sp.importances(sp.at_epoch(study, s.grace_epochs))
+            table[f"at epoch {s.grace_epochs}, every trial equally trained"] = [
+                round(float(rung[k]), 3) if k in rung else None for k in ranked]
+        except sp.NoData:
+            pass
+    sec.table(table, "The share of the objective's variance each hyperparameter explains. Under ASHA a stopped "
+                     "trial's final objective comes from fewer epochs, so the last column, at the first rung, "
+                     "separates the hyperparameters from how long ASHA let a trial run.")
     _draw(sec, figures, "importance.png", lambda p: sp.plot_importance(study, ranked, p))
     _draw(sec, figures, "objective_vs_top_params.png", lambda p: sp.plot_top_params(study, ranked, p))
     _draw(sec, figures, "parallel_coordinates.png", lambda p: sp.plot_parallel(study, ranked, p))
@@ -164,14 +178,14 @@ def model_sections(exp: Path, s: Settings, figures: Path, data: str | None) -> l
     space = Section("features", "The feature space")
     try:
         model = analysed_model(exp / "final")
-        split, classes = load_public_test(s, data)
+        view = ModelView.of(model, *load_public_test(s, data))
     except sp.NoData as why:
         for sec in (looks, space):
             sec.note(str(why))
         return [looks, space]
     for key, sec in (("gradcam", looks), ("embedding", space), ("top_activating", space)):
         try:
-            captions = MODEL_FIGURES[key](figures, model, split, classes)
+            captions = MODEL_FIGURES[key](figures, view)
         except sp.NoData as why:
             sec.note(str(why))
             continue

@@ -254,7 +254,8 @@ def run_search(s: Settings, started: float | None = None) -> int:
             print(f"search stopped by the time budget with {clock.left():.0f} s left for the final stage")
     if s.final:
         run_final(s, trials, clock=clock, split=split)
-    report_at_end(exp)
+    if s.report:
+        report_at_end(exp)
     if split:
         split.final = clock.elapsed() - split.startup - split.search
         split.write(exp)

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 
 from search.export import read_results
 from search.settings import Settings
-from search.storage import resolve, tune_location
+from search.storage import TUNE_DIR, resolve, tune_location
 from search.study import load_study
 from trainables.files import atomic_path
 from trainables.metrics import METRIC
@@ -35,7 +35,7 @@ from trainables.metrics import METRIC
 IMPORTANCE_SEED = 0      # fANOVA's forest is random: a fixed seed gives the same bars on every run
 MOST_IMPORTANT = 4       # hyperparameters shown against the objective
 PARALLEL_PARAMS = 6
-_HISTORY_KEYS = ("training_iteration", "epoch", "val_acc", METRIC, "diverged", "timestamp", "time_total_s")
+HISTORY_KEYS = ("training_iteration", "epoch", "val_acc", METRIC, "diverged", "timestamp", "time_total_s")
 
 
 class NoData(Exception):
@@ -50,21 +50,32 @@ def _save(fig, path: Path) -> None:
 # --------------------------------------------------------------------------- reading the experiment
 
 def trial_histories(experiment_dir: Path, storage: str = "") -> pd.DataFrame:
-    """One row per reported epoch of every trial: trial_id and the `_HISTORY_KEYS` of its result.json."""
+    """One row per reported epoch of every trial: trial_id and the `HISTORY_KEYS` of its result.json.
+
+    Read from the experiment folder's own `tune/` when it has one (a folder copied back from a
+    cluster's --storage), else from --storage; a storage that cannot be read is NoData.
+    """
     import pyarrow.fs as pafs
 
-    fs, root = resolve(tune_location(experiment_dir, storage))
+    local = Path(experiment_dir) / TUNE_DIR
+    try:
+        fs, root = resolve(str(local) if local.is_dir() else tune_location(experiment_dir, storage))
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except (OSError, ValueError) as err:  # pyarrow's I/O and URI errors
+        raise NoData(f"the trials' results at {tune_location(experiment_dir, storage)} cannot be read here "
+                     f"({err})") from err
     rows = []
-    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+    for info in infos:
         name = info.base_name
         if info.type == pafs.FileType.Directory and name.startswith("trial_"):
             for r in read_results(fs, info.path):
-                rows.append({"trial_id": name.removeprefix("trial_"), **{k: r.get(k, math.nan) for k in _HISTORY_KEYS}})
-    return pd.DataFrame(rows, columns=["trial_id", *_HISTORY_KEYS])
+                rows.append({"trial_id": name.removeprefix("trial_"), **{k: r.get(k, math.nan) for k in HISTORY_KEYS}})
+    return pd.DataFrame(rows, columns=["trial_id", *HISTORY_KEYS])
 
 
-def study_of(experiment_dir: Path, s: Settings, trials: pd.DataFrame):
-    """The experiment's Optuna study: `optuna.db`, or rebuilt in memory from `trials.csv` (older experiments)."""
+def study_of(experiment_dir: Path, s: Settings, trials: pd.DataFrame, history: pd.DataFrame | None = None):
+    """The experiment's Optuna study: `optuna.db`, or rebuilt in memory from `trials.csv` and the trials'
+    per-epoch objectives in `history` (older experiments)."""
     study = load_study(experiment_dir)
     if study is not None or trials.empty:
         return study
@@ -86,7 +97,12 @@ def study_of(experiment_dir: Path, s: Settings, trials: pd.DataFrame):
             params, dists = replay(space, config)
         except ValueError:  # the space changed since: leave the trial out
             continue
+        steps = {} if history is None else {
+            int(h.training_iteration): float(getattr(h, METRIC))
+            for h in history[history["trial_id"] == str(row["trial_id"])].itertuples()
+            if math.isfinite(float(getattr(h, METRIC)))}
         study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=float(row["objective"]),
+                                                  intermediate_values=steps,
                                                   user_attrs={"tune_trial_id": str(row["trial_id"])}))
     return study
 
@@ -178,6 +194,24 @@ def importances(study) -> dict[str, float]:
             return dict(get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=IMPORTANCE_SEED)))
     except (ValueError, RuntimeError) as err:  # e.g. no hyperparameter took two values
         raise NoData(f"Optuna could not compute importances: {err}") from err
+
+
+def at_epoch(study, epoch: int):
+    """A copy of `study` whose trials' values are their objective at `epoch` (trials that reached it only).
+
+    Under ASHA a stopped trial's final objective comes from fewer epochs than a promoted one's,
+    so importance of the final objective partly measures which trials ASHA kept; at the first
+    rung every judged trial has trained equally long.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    same = optuna.create_study(direction="maximize")
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if epoch in t.intermediate_values and math.isfinite(t.intermediate_values[epoch]):
+            same.add_trial(optuna.trial.create_trial(params=t.params, distributions=t.distributions,
+                                                     value=t.intermediate_values[epoch]))
+    return same
 
 
 def _optuna_figure(draw, path: Path, size: tuple[float, float] | None = None) -> None:

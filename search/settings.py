@@ -87,6 +87,8 @@ class Settings:
     resume: bool = _flag(False, "continue the experiment --name after a crash or Ctrl-C", action="store_true")
     max_failures: int = _flag(1, "retries of a failing trial from its last checkpoint")
     final: bool = _flag(True, "skip the final retrain/evaluate stage", action="store_false", flag="--no-final")
+    report: bool = _flag(True, "skip report.html and its figures at the end (python -m search.report writes them "
+                               "later)", action="store_false", flag="--no-report")
     final_top_k: int = _flag(3, "retrain the best K configurations")
     final_epochs: int = _flag(0, "epochs per final run", default_text="--max-epochs")
     final_seeds: int = _flag(3, "seeds per configuration (--seed, --seed+1, ...)")

@@ -10,6 +10,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_FER = ROOT.parent / "shared" / "data" / "fer2013"
+N_DEMO = 6  # trials of the shared demo experiment (conftest.demo_experiment)
 
 
 def write_fer_csv(path: Path, n_per_split=(70, 21, 21), seed: int = 0, lines: list[str] | None = None) -> Path:

@@ -60,7 +60,7 @@ def experiment(tmp_path_factory):
     _write_csv(root / "good.csv", demo, garbage_private=False)
     _write_csv(root / "bad.csv", demo, garbage_private=True)
     search = run_command("search.run", "--space", "convnet", "--data", str(root / "bad.csv"), "--num-samples", "2",
-                     "--max-epochs", "1", "--grace-epochs", "1", "--no-final", "--seed", SEARCH_SEED,
+                     "--max-epochs", "1", "--grace-epochs", "1", "--no-final", "--no-report", "--seed", SEARCH_SEED,
                      "--name", "X", "--results", str(root / "results"))
     return {"root": root, "exp": root / "results" / "X", "search": search}
 
@@ -71,7 +71,7 @@ def final_dir(experiment):
     assert experiment["search"].returncode == 0, experiment["search"].stderr[-3000:]
     r = run_command("search.final", str(experiment["exp"]), "--data", str(experiment["root"] / "good.csv"),
                 "--final-top-k", "1", "--final-seeds", "2", "--final-epochs", "1",
-                "--final-tta", "none", "flip", "tencrop")
+                "--final-tta", "none", "flip", "tencrop", "--no-report")
     assert r.returncode == 0, r.stderr[-3000:]
     out = experiment["exp"] / "final"
     assert "PrivateTest" in r.stdout and "ensemble_all" in r.stdout  # the table is printed
@@ -390,6 +390,7 @@ def test_final_alone_within_a_time_budget(experiment, tmp_path):
     wall = time.time() - started
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "final stage within the time budget" in r.stdout and f"time budget {budget} s:" in r.stdout
+    assert f"report: {exp / 'report.html'}" in r.stdout  # the report is part of the stage's time
     assert wall <= budget * 1.05 + 2, wall
     runs = read_table(exp / "final" / "metrics.csv").query("kind == 'run'")
     assert len(runs) >= 1 and (runs["best_epoch"] < 500).all()  # cut to fit

@@ -21,7 +21,7 @@ from tests.helpers import ROOT, read_table, run_command
 # sgd/bs64, adamw/bs64/mixup, adam/bs64, adam/bs64, adamw/bs128.
 COMMON = ["--space", "convnet", "--data", "demo", "--train-fraction", "0.5", "--max-epochs", "2",
           "--grace-epochs", "1", "--scheduler", "fifo", "--searcher", "random", "--no-final", "--seed", "5",
-          "--no-known-good"]  # the seeded sampler's own configurations, which these tests are built on
+          "--no-known-good", "--no-report"]  # the seeded sampler's own configurations, which these tests are built on
 
 
 def _results(trial_dir: Path) -> list[dict]:

@@ -1,4 +1,4 @@
-"""The report: a demo search with its final stage ends with report.html, its figures, optuna.db, TensorBoard images."""
+"""The report: a demo experiment's final stage ends with report.html and its figures; optuna.db; TensorBoard images."""
 from __future__ import annotations
 
 import json
@@ -25,18 +25,18 @@ SECTIONS = ["search", "trials", "final", "gradcam", "features", "settings"]
 
 
 @pytest.fixture(scope="module")
-def report_exp(tmp_path_factory):
-    """The README's path in small: a 5-trial demo search under ASHA, then 1 configuration x 2 seeds retrained."""
-    results = tmp_path_factory.mktemp("report")
-    r = run_command("search.run", "--space", "convnet", "--data", "demo", "--num-samples", "5", "--max-epochs", "2",
-                    "--grace-epochs", "1", "--train-fraction", "0.3", "--final-top-k", "1", "--final-seeds", "2",
-                    "--final-epochs", "1", "--final-tta", "none", "--seed", "3",
-                    "--results", str(results), "--name", "rep")
+def report_exp(demo_experiment, tmp_path_factory):
+    """The shared 6-trial demo search, copied (as from a cluster), then its final stage: 1 configuration x 2 seeds,
+    which ends by writing the report. (The search's own report at its end: the quick-start and storage tests.)"""
+    exp = tmp_path_factory.mktemp("report") / "rep"
+    shutil.copytree(demo_experiment[0], exp)
+    r = run_command("search.final", str(exp), "--final-top-k", "1", "--final-seeds", "2", "--final-epochs", "1",
+                    "--final-tta", "none")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return results / "rep", r
+    return exp, r
 
 
-def test_a_demo_search_ends_with_the_report_and_every_figure(report_exp):
+def test_the_final_stage_ends_with_the_report_and_every_figure(report_exp):
     exp, r = report_exp
     assert f"report: {exp / 'report.html'}" in r.stdout and "not written" not in r.stderr
     names = {p.stem for p in (exp / "figures").glob("*.png")}

@@ -11,7 +11,7 @@ import pytest
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from search.cli import run_cli
-from tests.helpers import read_table, run_command, write_fer_csv
+from tests.helpers import N_DEMO, read_table, run_command, write_fer_csv
 
 
 def _tb_tags(trial_dir):
@@ -20,20 +20,6 @@ def _tb_tags(trial_dir):
         for ev in EventFileLoader(str(f)).Load():
             tags.update(v.tag for v in ev.summary.value)
     return tags
-
-
-N_DEMO = 6
-
-
-@pytest.fixture(scope="module")
-def demo_experiment(tmp_path_factory):
-    """6 trials one at a time under ASHA (grace 1, max 3: a rung at epoch 1) on half the demo Training split."""
-    results = tmp_path_factory.mktemp("results")
-    r = run_command("search.run", "--space", "convnet", "--data", "demo", "--num-samples", str(N_DEMO),
-                    "--max-epochs", "3", "--grace-epochs", "1", "--max-concurrent", "1", "--train-fraction", "0.5",
-                    "--results", str(results), "--name", "demo", "--no-final", "--seed", "43")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return results / "demo", r
 
 
 def test_trials_csv_has_one_row_per_trial(demo_experiment):
@@ -80,7 +66,7 @@ def test_warm_start_seeds_the_sampler_with_the_earlier_finished_trials(demo_expe
     exp, _ = demo_experiment
     earlier = read_table(exp / "trials.csv")
     r = run_command("search.run", "--space", "convnet", "--data", "demo", "--num-samples", "1", "--max-epochs", "1",
-                    "--grace-epochs", "1", "--train-fraction", "0.5", "--no-final", "--no-known-good",
+                    "--grace-epochs", "1", "--train-fraction", "0.5", "--no-final", "--no-report", "--no-known-good",
                     "--warm-start", str(exp), "--results", str(tmp_path), "--name", "w", "--seed", "5")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"warm start: {len(earlier)} of {len(earlier)} finished trials of {exp}" in r.stdout
@@ -198,6 +184,7 @@ def test_quick_start_path_with_time_budget_random_searcher_and_final_stage(tmp_p
     wall = time.time() - started
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "--resume" not in r.stderr and "final results:" in r.stdout
+    assert f"report: {tmp_path / 'q' / 'report.html'}" in r.stdout  # written within the budget too
     assert "search stopped by the time budget" in r.stdout
     exp = tmp_path / "q"
     split = json.loads((exp / "time_budget.json").read_text())
@@ -243,6 +230,7 @@ def test_ferplus_labels_through_the_cli(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"{kept['Training']} training images, {kept['PublicTest']} PublicTest images" in r.stdout
     assert kept["PublicTest"] == 18  # 21 rows, 3 of them not faces
+    assert "report: " in r.stdout and "not written" not in r.stderr  # 8 classes in the report's figures
     df = read_table(tmp_path / "r" / "fp" / "trials.csv")
     assert len(df) == 1 and df["status"].iloc[0] == "COMPLETED" and "config/soft_labels" in df.columns
     assert json.loads((tmp_path / "r" / "fp" / "settings.json").read_text())["labels"] == "ferplus"
@@ -261,9 +249,10 @@ def test_unreachable_address_is_one_line(tmp_path, capsys):
 def test_search_on_real_fer2013(tmp_path, real_fer_csv):
     # Seed 77: TPE's first draws are small ConvNets (Adam at 2.7e-3; AdamW with mixup) that learn fast.
     r = run_command("search.run", "--space", "convnet", "--data", str(real_fer_csv), "--train-fraction", "0.2",
-                "--num-samples", "2", "--max-epochs", "2", "--scheduler", "fifo", "--seed", "77",
+                "--num-samples", "2", "--max-epochs", "2", "--scheduler", "fifo", "--seed", "77", "--no-known-good",
                 "--results", str(tmp_path), "--name", "real", "--no-final")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "report: " in r.stdout and "not written" not in r.stderr  # the search's report, on real faces
     df = read_table(tmp_path / "real" / "trials.csv")
     assert len(df) == 2 and df["val_acc"].between(0, 1).all()
     assert df["val_acc"].max() > 0.30  # PublicTest's majority class (happy) is 24.9%
@@ -279,7 +268,7 @@ def test_range_test_never_costs_more_than_a_tenth_of_the_trial(tmp_path):
     """
     r = run_command("search.run", "--space", "densenet", "--seed", "2", "--no-known-good", "--data", "demo",
                     "--train-fraction", "0.1",
-                    "--num-samples", "2", "--max-epochs", "1", "--grace-epochs", "1", "--no-final",
+                    "--num-samples", "2", "--max-epochs", "1", "--grace-epochs", "1", "--no-final", "--no-report",
                     "--results", str(tmp_path), "--name", "d")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     n_train = int(re.search(r"(\d+) training images", r.stdout).group(1))

@@ -42,17 +42,19 @@ def test_search_resume_and_final_stage_through_a_file_uri_on_two_nodes(two_nodes
     r = run_command("search.run", *flags)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (tmp_path / "shared" / "st" / "tune").is_dir() and not (results / "st" / "tune").exists()
+    # The report reads the trials' per-epoch results through the URI.
+    assert "not written" not in r.stderr and (results / "st" / "figures" / "learning_curves.png").is_file()
     df = read_table(results / "st" / "trials.csv")
     assert len(df) == 2 and (df["status"] == "COMPLETED").all()
     assert df["node_id"].nunique() == 2  # one trial per node: both wrote to the shared storage
     assert all((tmp_path / "shared" / "st" / "tune" / f"trial_{t}" / "result.json").is_file() for t in df["trial_id"])
 
-    r = run_command("search.run", *flags, "--resume")  # reads the experiment back from the URI
+    r = run_command("search.run", *flags, "--resume", "--no-report")  # reads the experiment back from the URI
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert read_table(results / "st" / "trials.csv")[["trial_id", "objective"]].equals(df[["trial_id", "objective"]])
 
     r = run_command("search.final", str(results / "st"), "--final-top-k", "1", "--final-seeds", "1",
-                    "--final-epochs", "1", "--final-tta", "none")
+                    "--final-epochs", "1", "--final-tta", "none", "--no-report")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     metrics = read_table(results / "st" / "final" / "metrics.csv")
     assert metrics["config"].iloc[0] == f"top1-{df['trial_id'].iloc[0]}"

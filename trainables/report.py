@@ -50,24 +50,52 @@ def plot_confusion(confusions: Mapping[str, np.ndarray], class_names: Sequence[s
     _save(fig, path)
 
 
+_GAP, _BAND = 4, 9  # pixels between tiles, and above each tile for its caption (two lines at 7 pt)
+_INCH_PER_PX = 1.5 / 48  # a 48x48 face is 1.5 inches wide
+
+
+def _plot_tiles(tiles: np.ndarray, captions: Sequence[str], path: str | os.PathLike, *, columns: int,
+                title: str = "", row_labels: Sequence[str] = ()) -> None:
+    """RGB tiles (N, H, W, 3 floats in [0, 1]) in a grid with a caption above each, drawn as one image.
+
+    One image with text on it rather than one Axes per tile: matplotlib lays out and draws
+    each Axes separately, which made a 48-face grid take 2.8 s to save (0.2 s this way).
+    """
+    n, h, w = tiles.shape[:3]
+    rows = max(1, math.ceil(n / columns))
+    cell_h, cell_w = h + _BAND + _GAP, w + _GAP
+    canvas = np.ones((rows * cell_h, columns * cell_w, 3))
+    for k in range(n):
+        r, c = divmod(k, columns)
+        canvas[r * cell_h + _BAND:r * cell_h + _BAND + h, c * cell_w:c * cell_w + w] = tiles[k]
+    left = 0.3 if row_labels else 0.0
+    fig = Figure(figsize=(canvas.shape[1] * _INCH_PER_PX + left, canvas.shape[0] * _INCH_PER_PX + 0.4))
+    ax = fig.add_axes((left / fig.get_figwidth(), 0, 1 - left / fig.get_figwidth(), 1 - 0.4 / fig.get_figheight()))
+    ax.imshow(canvas, interpolation="nearest")
+    ax.axis("off")
+    for k, caption in enumerate(captions[:n]):
+        r, c = divmod(k, columns)
+        ax.text(c * cell_w + w / 2, r * cell_h + _BAND - 1, caption, ha="center", va="bottom", fontsize=7,
+                linespacing=1.0)
+    for r, label in enumerate(row_labels[:rows]):
+        ax.text(-3, r * cell_h + _BAND + h / 2, label, ha="right", va="center", rotation=90, fontsize=9)
+    if not n:
+        ax.text(0.5, 0.5, "nothing to show", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(title, fontsize=9, y=1 - 0.1 / fig.get_figheight(), va="top")
+    _save(fig, path)
+
+
+def _gray(images: np.ndarray) -> np.ndarray:
+    return np.repeat(np.asarray(images, dtype=np.float64)[..., None] / 255.0, 3, axis=-1)
+
+
 def plot_mistakes(images: np.ndarray, captions: Sequence[str], path: str | os.PathLike, *,
                   title: str = "", columns: int = 6) -> None:
     """A grid of grayscale images (N, H, W uint8), each with its caption (e.g. row, true, predicted, confidence)."""
-    n = max(len(images), 1)
-    columns = min(columns, n)
-    rows = math.ceil(n / columns)
-    fig = Figure(figsize=(1.75 * columns, 2.05 * rows + 0.4), layout="constrained")
-    axes = fig.subplots(rows, columns, squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if k < len(images):
-            ax.imshow(images[k], cmap="gray", vmin=0, vmax=255)
-            ax.set_title(captions[k], fontsize=7)
     if not len(images):
-        axes[0, 0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    _save(fig, path)
+        images, captions = np.zeros((0, 48, 48), dtype=np.uint8), []
+    _plot_tiles(_gray(images), captions, path, columns=min(columns, max(len(images), 1)),
+                title=title or ("no mistakes" if not len(images) else ""))
 
 
 # --------------------------------------------------------------------------- what the network learned
@@ -150,26 +178,21 @@ def plot_activations(faces: np.ndarray, maps: np.ndarray, class_names: Sequence[
 
 # --------------------------------------------------------------------------- where it looks, how it arranges faces
 
+def overlay(images: np.ndarray, maps: np.ndarray, *, alpha: float = 0.45) -> np.ndarray:
+    """Gray faces (N, H, W uint8) with heat maps (N, H, W in [0, 1]) over them in the jet colours: (N, H, W, 3)."""
+    from matplotlib import colormaps
+
+    heat = colormaps["jet"](np.clip(maps, 0.0, 1.0))[..., :3]
+    return (1 - alpha) * _gray(images) + alpha * heat
+
+
 def plot_gradcam_grid(images: np.ndarray, maps: np.ndarray, captions: Sequence[str], row_labels: Sequence[str],
                       columns: int, path: str | os.PathLike, *, title: str = "") -> None:
     """Rows of faces (N, H, W uint8) with their Grad-CAM (N, H, W in [0, 1]) over them; an empty caption
     leaves its cell blank (an emotion with fewer examples than columns)."""
-    rows = max(1, math.ceil(len(images) / columns))
-    fig = Figure(figsize=(1.5 * columns + 0.9, 1.75 * rows + 0.5), layout="constrained")
-    axes = fig.subplots(rows, columns, squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for side in ax.spines.values():
-            side.set_visible(False)
-        if k < len(images) and captions[k]:
-            ax.imshow(images[k], cmap="gray", vmin=0, vmax=255)
-            ax.imshow(maps[k], cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
-            ax.set_title(captions[k], fontsize=7)
-        if k % columns == 0:
-            ax.set_ylabel(row_labels[k // columns], fontsize=9)
-    fig.suptitle(title, fontsize=9)
-    _save(fig, path)
+    tiles = overlay(images, maps)
+    tiles[[not c for c in captions]] = 1.0
+    _plot_tiles(tiles, captions, path, columns=columns, title=title, row_labels=row_labels)
 
 
 def plot_mean_gradcam(faces: np.ndarray, maps: np.ndarray, counts: Sequence[int], class_names: Sequence[str],
@@ -181,8 +204,8 @@ def plot_mean_gradcam(faces: np.ndarray, maps: np.ndarray, counts: Sequence[int]
     for c, ax in enumerate(axes):
         ax.axis("off")
         ax.imshow(faces[c], cmap="gray", vmin=0, vmax=255)
-        if counts[c]:
-            ax.imshow(maps[c], cmap="jet", alpha=0.45, vmin=0.0, vmax=float(maps.max()) or 1.0)
+        if counts[c]:  # each emotion on its own scale: the figure says where, not how strongly
+            ax.imshow(maps[c], cmap="jet", alpha=0.45, vmin=0.0, vmax=float(maps[c].max()) or 1.0)
         ax.set_title(f"{class_names[c]} ({counts[c]})", fontsize=8)
     fig.suptitle(title, fontsize=9)
     _save(fig, path)

@@ -20,6 +20,7 @@ import torch
 from search.search_plots import NoData
 from search.settings import Settings
 from trainables.data import Split, load_fer2013
+from trainables.device import pick_device
 from trainables.errors import UserError
 from trainables.explain import channel_responses, explained_layer, grad_cam, penultimate_features
 from trainables.inference import predict
@@ -53,7 +54,8 @@ class ModelView:
 
     @classmethod
     def of(cls, model: AnalysedModel, split: Split, classes: list[str]) -> "ModelView":
-        nets = [load_weights(p, device=torch.device("cpu"))[0] for p in model.members]
+        device = pick_device()  # the driver's GPU where it has one: Grad-CAM of a ResNet-50 is slow on a CPU
+        nets = [load_weights(p, device=device)[0] for p in model.members]
         return cls(model, split, classes, nets, [predict(n, split.x).numpy() for n in nets])
 
     @property

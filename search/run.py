@@ -23,7 +23,7 @@ from search.final import run_final
 from search.report import report_at_end
 from search.settings import Settings, parse_settings
 from search.storage import TUNE_DIR, experiment_root, tune_location, tune_started
-from search.study import STUDY_NAME
+from search.study import STUDY_NAME, settle_finished
 from search.warm_start import StudySeed, prepared_storage, study_seed
 from spaces import archs_of, get_space
 from trainables.data import SEARCH_SPLITS, FERData, load_fer2013, stratified_fraction
@@ -243,6 +243,7 @@ def run_search(s: Settings, started: float | None = None) -> int:
     finally:
         set_active(None)
     trials = export_trials(exp, s.max_epochs, failed=failed, storage=s.storage)
+    settle_finished(exp, trials)  # trials a stopper ended, as trials.csv has them
     print_summary(trials_table(trials), exp, s.storage)
     if _interrupted(trials, s, budget):
         print(f"\nThe search was interrupted; finished trials are in {exp / 'trials.csv'}. To continue it, "

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from optuna.storages import InMemoryStorage
 
@@ -145,6 +145,39 @@ def open_storage(experiment_dir: Path) -> MirroredStorage:
     """The storage Ray's OptunaSearch is given: in memory, mirrored to `optuna.db` (created with its folder)."""
     Path(experiment_dir).mkdir(parents=True, exist_ok=True)
     return MirroredStorage(study_url(experiment_dir))
+
+
+def settle_finished(experiment_dir: Path, records: Iterable) -> int:
+    """Tell `optuna.db` how the trials Tune ended without telling the searcher finished; returns how many.
+
+    When --time-budget (or any stopper) ends the experiment, Tune stops the running trials
+    without calling the searcher, so they would stay RUNNING in the study while `trials.csv`
+    has them STOPPED with an objective. Each gets its `trials.csv` objective (an ERROR: failed;
+    one stopped before its first epoch: pruned); trials left unfinished for --resume stay running.
+    """
+    import math
+
+    from optuna.trial import TrialState
+
+    from search.export import UNFINISHED
+
+    study = load_study(experiment_dir)
+    if study is None:
+        return 0
+    by_id = {r.trial_id: r for r in records}
+    settled = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        r = by_id.get(t.user_attrs.get(TRIAL_ATTR))
+        if r is None or r.status in UNFINISHED:
+            continue
+        if r.status == "ERROR":
+            study.tell(t.number, state=TrialState.FAIL)
+        elif not math.isfinite(r.objective):  # stopped before its first epoch ended
+            study.tell(t.number, state=TrialState.PRUNED)
+        else:
+            study.tell(t.number, r.objective)
+        settled += 1
+    return settled
 
 
 def load_study(experiment_dir: Path):

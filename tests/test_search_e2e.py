@@ -11,6 +11,7 @@ import pytest
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from search.cli import run_cli
+from search.study import TRIAL_ATTR, load_study
 from tests.helpers import N_DEMO, read_table, run_command, write_fer_csv
 
 
@@ -196,6 +197,14 @@ def test_quick_start_path_with_time_budget_random_searcher_and_final_stage(tmp_p
     assert plan["top_k"] * plan["seeds"] * plan["epochs"] < 3 * 3 * 8  # cut to fit
     df = read_table(exp / "trials.csv")
     assert 1 <= len(df) < 40 and df["val_acc"].notna().any()
+    # optuna.db: the trials the budget stopped mid-run are finished there too, with trials.csv's objective.
+    study = {t.user_attrs[TRIAL_ATTR]: t for t in load_study(exp).trials if TRIAL_ATTR in t.user_attrs}
+    # (One the budget stopped before its first epoch has no objective: pruned.)
+    assert sorted(study) == sorted(df["trial_id"])
+    for row in df.itertuples():
+        t = study[row.trial_id]
+        assert (t.state.name, t.value) == (("COMPLETE", pytest.approx(row.objective)) if row.objective == row.objective
+                                           else ("PRUNED", None)), (row, t)
     metrics = read_table(exp / "final" / "metrics.csv")
     assert set(metrics["kind"]) == {"run", "mean", "std", "ensemble_all", "ensemble_best"}
     assert len(metrics[metrics["kind"] == "run"]) == plan["top_k"] * plan["seeds"]

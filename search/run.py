@@ -23,7 +23,7 @@ from search.final import run_final
 from search.report import report_at_end
 from search.settings import Settings, parse_settings
 from search.storage import TUNE_DIR, experiment_root, tune_location, tune_started
-from search.study import STUDY_NAME, settle_finished
+from search.study import STUDY_NAME, resume_into, settle_finished
 from search.warm_start import StudySeed, prepared_storage, study_seed
 from spaces import archs_of, get_space
 from trainables.data import SEARCH_SPLITS, FERData, load_fer2013, stratified_fraction
@@ -163,6 +163,7 @@ def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurre
                              threads=s.cpus_per_trial, memory_limit=limits), request)
     storage = experiment_root(exp, s.storage)  # --storage URI, or results/<name>
     if s.resume:
+        resume_into(exp)  # the study's mirror follows the experiment folder, wherever it is now
         # Finished trials (errored ones included) stay as they are; unfinished ones continue.
         return tune.Tuner.restore(tune_location(exp, s.storage), trainable, resume_unfinished=True,
                                   resume_errored=False)

@@ -27,6 +27,20 @@ STUDY_NAME = "optuna"    # the name Ray's OptunaSearch gives its study
 STUDY_FILE = "optuna.db"
 TRIAL_ATTR = "tune_trial_id"
 log = logging.getLogger(__name__)
+# Where a restored study is mirrored: the running command's experiment folder, which may not be
+# where the snapshot was taken (a folder copied back from a cluster, then --resume).
+_resumed_url: str | None = None
+
+
+def resume_into(experiment_dir: Path) -> None:
+    """Mirror a study restored by this process (--resume) into `experiment_dir`'s optuna.db."""
+    global _resumed_url
+    _resumed_url = study_url(experiment_dir)
+
+
+def resumed_url() -> str | None:
+    """The optuna.db a study restored by this process is mirrored to (`resume_into`), if set."""
+    return _resumed_url
 
 
 def study_url(experiment_dir: Path) -> str:
@@ -54,10 +68,11 @@ class MirroredStorage(InMemoryStorage):
         state["_db"] = None
         return state
 
-    def attach(self) -> None:
-        """(Re)write the SQLite study from memory and mirror every later write."""
+    def attach(self, url: str | None = None) -> None:
+        """(Re)write the SQLite study (at `url`, default where it was) from memory and mirror every later write."""
         from optuna.storages import RDBStorage
 
+        self._url = url or self._url
         db = RDBStorage(self._url)
         mine = {s.study_name for s in self.get_all_studies()}
         for old in db.get_all_studies():

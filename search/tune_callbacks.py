@@ -10,7 +10,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search.budget import Measured, active
 from search.export import TrialRecord, records_of, trials_table
-from search.study import TRIAL_ATTR, MirroredStorage
+from search.study import TRIAL_ATTR, MirroredStorage, resumed_url
 from trainables.files import write_csv
 from trainables.metrics import METRIC
 
@@ -76,7 +76,7 @@ class TrackedOptunaSearch(OptunaSearch):
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
         if isinstance(self._storage, MirroredStorage):
-            self._storage.attach()
+            self._storage.attach(resumed_url())
 
     def suggest(self, trial_id: str):
         config = super().suggest(trial_id)

@@ -342,7 +342,7 @@ def test_final_overwrite_with_resource_overrides(final_dir, experiment, tmp_path
     shutil.copytree(experiment["exp"], exp)
     r = run_command("search.final", str(exp), "--data", str(experiment["root"] / "good.csv"), "--overwrite",
                     "--final-top-k", "1", "--final-seeds", "1", "--final-epochs", "1", "--final-tta", "none",
-                    "--cpus-per-trial", "1", "--gpus-per-trial", "0")
+                    "--cpus-per-trial", "1", "--gpus-per-trial", "0", "--no-report")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "x 1 seeds for 1 epochs" in r.stdout and "(1 CPU, 0.0 GPU each)" in r.stdout
     weights = sorted(p.name for p in (exp / "final" / "models").glob("*.pt"))

@@ -152,7 +152,7 @@ def test_optuna_db_is_rebuilt_from_the_snapshot_a_resume_restores(tmp_path):
 
     import optuna
 
-    from search.study import STUDY_NAME, open_storage
+    from search.study import STUDY_NAME, open_storage, study_url
 
     storage = open_storage(tmp_path)
     study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize")
@@ -167,8 +167,12 @@ def test_optuna_db_is_rebuilt_from_the_snapshot_a_resume_restores(tmp_path):
     restored = pickle.loads(snapshot)
     restored._storage.attach()  # what TrackedOptunaSearch.restore does
     assert [t.state.name for t in load_study(tmp_path).trials] == ["RUNNING"]
+    moved = tmp_path / "moved"  # the experiment copied elsewhere, then resumed there
+    moved.mkdir()
+    restored._storage.attach(study_url(moved))
     again = optuna.Trial(restored, restored._storage.get_trial_id_from_study_id_trial_number(restored._study_id, 0))
     again.report(0.35, 2)
     restored.tell(again, 0.45)
-    (on_disk,) = load_study(tmp_path).trials
+    assert [t.state.name for t in load_study(tmp_path).trials] == ["RUNNING"]  # the old place is left alone
+    (on_disk,) = load_study(moved).trials
     assert on_disk.value == 0.45 and on_disk.intermediate_values == {1: 0.3, 2: 0.35} and "lr" in on_disk.params

@@ -30,7 +30,7 @@ EVAL_FIXED_SECONDS = 8.0
 # The report written at the end (search.report): its imports, the search's figures and t-SNE
 # are a fixed part; the model figures run each final run over PublicTest once, plus Grad-CAM
 # (a forward and a backward pass) and the best run's features and channels, about four
-# passes more. Measured on 2 CPU cores: 6 s on the demo data, 30 s on FER2013 with 2 ConvNet
+# passes more. Measured on 2 CPU cores: 6-8 s on the demo data, 30 s on FER2013 with 2 ConvNet
 # runs (3,589 PublicTest images, of which 8 s t-SNE of 2,000), which the per-image part covers.
 REPORT_FIXED_SECONDS = 6.0
 REPORT_PASSES = 4

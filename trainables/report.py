@@ -59,7 +59,7 @@ def _plot_tiles(tiles: np.ndarray, captions: Sequence[str], path: str | os.PathL
     """RGB tiles (N, H, W, 3 floats in [0, 1]) in a grid with a caption above each, drawn as one image.
 
     One image with text on it rather than one Axes per tile: matplotlib lays out and draws
-    each Axes separately, which made a 48-face grid take 2.8 s to save (0.2 s this way).
+    each Axes separately: a 48-face grid took 1.7 s to save that way, 0.4 s this way (measured side by side).
     """
     n, h, w = tiles.shape[:3]
     rows = max(1, math.ceil(n / columns))

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from search.retrain import run_name
 from search.search_plots import NoData
 from search.settings import Settings
 from trainables.data import Split, load_fer2013
@@ -74,7 +75,7 @@ def analysed_model(final_dir: Path) -> AnalysedModel:
     name = str(first["model"].iloc[0]) if len(first) else ""  # no pair: a model that made no mistake
     table = pd.read_csv(metrics)
     runs = table[(table["kind"] == "run") & (table["tta"] == "none")].copy()
-    runs["name"] = runs["config"] + "-seed" + runs["seed"].astype(int).astype(str)
+    runs["name"] = [run_name(config, int(seed)) for config, seed in zip(runs["config"], runs["seed"])]
     if name.startswith("ensemble"):
         row = table[(table["kind"] == name) & (table["tta"] == "none")]
         member_names = str(row["config"].iloc[0]).split("+") if len(row) else []

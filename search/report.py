@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import html
 import json
 import shutil
@@ -69,8 +70,8 @@ class Section:
 
 def settings_section(s: Settings, exp: Path) -> Section:
     sec = Section("settings", "Settings")
-    sec.table(pd.DataFrame({"setting": list(s.__dataclass_fields__), "value": [str(getattr(s, k)) for k in
-                                                                                s.__dataclass_fields__]}))
+    values = dataclasses.asdict(s)
+    sec.table(pd.DataFrame({"setting": list(values), "value": [str(v) for v in values.values()]}))
     split = exp / "time_budget.json"
     if split.is_file():
         sec.table(pd.json_normalize(json.loads(split.read_text())), "How --time-budget was split (seconds).")

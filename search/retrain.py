@@ -26,6 +26,11 @@ from trainables.train import DivergedError
 from trainables.weights import save_weights
 
 
+def run_name(config: str, seed: int) -> str:
+    """A final run's name: its configuration's name and seed (the stem of its weights file, its rows' key)."""
+    return f"{config}-seed{seed}"
+
+
 @dataclass
 class FinalRun:
     """One retrained (configuration, seed): its weights file, best PublicTest epoch and PublicTest probabilities."""
@@ -39,7 +44,7 @@ class FinalRun:
 
     @property
     def name(self) -> str:
-        return f"{self.candidate.name}-seed{self.seed}"
+        return run_name(self.candidate.name, self.seed)
 
     @property
     def lr(self) -> float:
@@ -176,7 +181,7 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
         jobs = {}
         for cand in candidates:
             for seed in seeds_of(s):
-                name = f"{cand.name}-seed{seed}"
+                name = run_name(cand.name, seed)
                 board = (out / "tensorboard" / name).resolve()
                 ref = task.remote(cand.config, data_ref, epochs=epochs, seed=seed, threads=s.cpus_per_trial,
                                   tensorboard_dir=str(board), label=name, ttas=list(ttas), deadline=deadline)
@@ -216,7 +221,7 @@ def seeds_of(s: Settings) -> list[int]:
 def save_run(result: dict, cand: Candidate, seed: int, s: Settings, data: FERData, out: Path,
              board: Path) -> FinalRun | None:
     """Write a finished task's best weights (+ config JSON) and make sure its TensorBoard scalars exist here."""
-    name = f"{cand.name}-seed{seed}"
+    name = run_name(cand.name, seed)
     if result["history"] and not any(board.glob("events.out.tfevents.*")):
         write_scalars(board, result["history"])  # the task ran on another node, whose disk we cannot see
     if result["state_dict"] is None:

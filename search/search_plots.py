@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from search.export import read_results
 from search.settings import Settings
 from search.storage import TUNE_DIR, resolve, tune_location
-from search.study import load_study
+from search.study import TRIAL_ATTR, load_study
 from trainables.files import atomic_path
 from trainables.metrics import METRIC
 
@@ -103,7 +103,7 @@ def study_of(experiment_dir: Path, s: Settings, trials: pd.DataFrame, history: p
             if math.isfinite(float(getattr(h, METRIC)))}
         study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=float(row["objective"]),
                                                   intermediate_values=steps,
-                                                  user_attrs={"tune_trial_id": str(row["trial_id"])}))
+                                                  user_attrs={TRIAL_ATTR: str(row["trial_id"])}))
     return study
 
 

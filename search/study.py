@@ -74,10 +74,7 @@ class MirroredStorage(InMemoryStorage):
 
         self._url = url or self._url
         db = RDBStorage(self._url)
-        mine = {s.study_name for s in self.get_all_studies()}
-        for old in db.get_all_studies():
-            if old.study_name in mine:
-                db.delete_study(old._study_id)
+        _drop_studies(db, {s.study_name for s in self.get_all_studies()})
         self._ids = {"study": {}, "trial": {}}
         for study in self.get_all_studies():
             sid = db.create_new_study(study.directions, study.study_name)
@@ -90,23 +87,24 @@ class MirroredStorage(InMemoryStorage):
                 self._ids["trial"][t._trial_id] = db.create_new_trial(sid, template_trial=t)
         self._db = db
 
-    def _mirror(self, method: str, kind: str, own_id: int, *args) -> None:
+    def _mirror(self, method: str, kind: str, own_id: int, *args, **kwargs):
+        """The database's `method` on the database's id for our `own_id` (a study or a trial); its result,
+        or None when the mirror is detached or stops here."""
         if self._db is None:
-            return
+            return None
         try:
-            getattr(self._db, method)(self._ids[kind][own_id], *args)
+            return getattr(self._db, method)(self._ids[kind][own_id], *args, **kwargs)
         except Exception as err:  # noqa: BLE001 - the file is a view; the search must not fail on it
             log.warning("%s is no longer updated (%s: %s); the search goes on", self._url, type(err).__name__, err)
             self._db = None
+            return None
 
     # Writes: done in memory, then repeated in the database under its own ids.
     def create_new_study(self, directions, study_name: str | None = None) -> int:
         sid = super().create_new_study(directions, study_name)
         if self._db is not None:
             name = self.get_study_name_from_id(sid)
-            for old in self._db.get_all_studies():
-                if old.study_name == name:  # left by an attempt that never ran a trial
-                    self._db.delete_study(old._study_id)
+            _drop_studies(self._db, {name})  # left by an attempt that never ran a trial
             self._ids["study"][sid] = self._db.create_new_study(directions, name)
         return sid
 
@@ -125,12 +123,9 @@ class MirroredStorage(InMemoryStorage):
     def create_new_trial(self, study_id: int, template_trial=None) -> int:
         tid = super().create_new_trial(study_id, template_trial)
         if self._db is not None:
-            try:
-                self._ids["trial"][tid] = self._db.create_new_trial(self._ids["study"][study_id],
-                                                                    template_trial=self.get_trial(tid))
-            except Exception as err:  # noqa: BLE001 - as in _mirror
-                log.warning("%s is no longer updated (%s: %s)", self._url, type(err).__name__, err)
-                self._db = None
+            db_tid = self._mirror("create_new_trial", "study", study_id, template_trial=self.get_trial(tid))
+            if db_tid is not None:
+                self._ids["trial"][tid] = db_tid
         return tid
 
     def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float, distribution) -> None:
@@ -154,6 +149,13 @@ class MirroredStorage(InMemoryStorage):
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         super().set_trial_system_attr(trial_id, key, value)
         self._mirror("set_trial_system_attr", "trial", trial_id, key, value)
+
+
+def _drop_studies(db, names: set[str]) -> None:
+    """Delete the studies called `names` from the database `db` (an earlier copy of a study being rewritten)."""
+    for old in db.get_all_studies():
+        if old.study_name in names:
+            db.delete_study(old._study_id)
 
 
 def open_storage(experiment_dir: Path) -> MirroredStorage:

@@ -7,13 +7,22 @@ from typing import Any, Sequence
 import pandas as pd
 
 from search.retrain import FinalRun, seeds_of
-from search.scoring import ANALYSIS_TTA, confusion_table
+from search.scoring import ANALYSIS_TTA, confusion_table, ensemble_members
 from search.settings import Settings
+from trainables.calibration import reliability
 from trainables.data import FERData
+from trainables.deploy import classifier_from_weights, export_onnx
 from trainables.device import pick_device
 from trainables.files import write_csv, write_text
 from trainables.metrics import confused_pairs, misclassified
-from trainables.report import emotion_activations, plot_activations, plot_confusion, plot_kernels, plot_mistakes
+from trainables.report import (
+    emotion_activations,
+    plot_activations,
+    plot_confusion,
+    plot_kernels,
+    plot_mistakes,
+    plot_reliability,
+)
 from trainables.weights import load_weights
 
 MISTAKES_SHOWN = 36
@@ -38,6 +47,33 @@ def write_error_analysis(out: Path, model: str, full: dict, data: FERData, ttas:
     wrong.insert(0, "tta", ANALYSIS_TTA)
     wrong.insert(0, "model", model)
     write_csv(wrong, out / "misclassified.csv")
+    y = data.test.y.numpy()
+    plot_reliability({f"{label} (ECE {m[f'ece{suffix}']:.1%})": reliability(probs, y)
+                      for label, suffix, probs in (("before", "", m["probs"]),
+                                                   (f"T = {m['temperature']:.2f}", "_calibrated",
+                                                    m["probs_calibrated"]))},
+                     out / "reliability.png",
+                     title=f"{data.test_name} reliability of {model} (tta={ANALYSIS_TTA}; T fitted on PublicTest)")
+
+
+def write_exports(out: Path, runs: Sequence[FinalRun], full: dict) -> dict[str, Path]:
+    """export/best_single.onnx and export/best_ensemble.onnx: chosen by PublicTest accuracy, calibrated.
+
+    The single run carries its own temperature; the ensemble (the better of the two by PublicTest,
+    without TTA) the temperature fitted to its mean softmax.
+    """
+    best = max(runs, key=lambda r: r.val_acc)
+    kind = max(ensemble_members(runs), key=lambda k: full[k, ANALYSIS_TTA]["val_acc"])
+    members = ensemble_members(runs)[kind]
+    written = {}
+    for label, weights, temperature, extra in (
+            ("best_single", [best.weights], None, {"model": best.name}),
+            ("best_ensemble", [r.weights for r in members], full[kind, ANALYSIS_TTA]["temperature"],
+             {"model": kind})):
+        classifier, meta = classifier_from_weights(weights, temperature=temperature)
+        meta.update(extra, val_acc_publictest=full[extra["model"], ANALYSIS_TTA]["val_acc"])
+        written[label] = export_onnx(classifier, meta, out / "export" / f"{label}.onnx")
+    return written
 
 
 def write_visualisations(out: Path, runs: Sequence[FinalRun], data: FERData) -> str:
@@ -78,6 +114,14 @@ measured once on {test_name}, which the search never read. TTA modes: {', '.join
 - `confusion_matrix.csv` / `.png`, `confused_pairs.csv`, `misclassified.csv` / `.png`: error
   analysis of **{model}**, the model with the best PublicTest accuracy without TTA; the pairs
   and mistakes are without TTA. `row` is the 0-based data row of the source CSV (line row + 2).
+- Calibration: `temperature` is fitted per model and TTA mode on PublicTest (minimum NLL of
+  `softmax(log p / T)`); `ece`, `nll` and `brier` are the {test_name} expected calibration
+  error (15 bins, top label), log loss and multiclass Brier score before, `*_calibrated` after
+  (accuracy does not change). `reliability.png`: the analysed model's diagram before and after.
+  Each weights file carries its run's `temperature` (no TTA), which `search.predict` and the
+  exported models apply.
+- `export/best_single.onnx`, `export/best_ensemble.onnx`: the best run and the better ensemble
+  by PublicTest accuracy, calibrated, for ONNX Runtime (see `python -m search.export_model`).
 - `kernels.png`, `activations.png`: the first-layer kernels of the best single run, and per
   emotion its mean PublicTest face with where its deepest convolution that keeps a spatial grid
   fires more (red) or less (blue) than on the average emotion.

@@ -5,18 +5,35 @@ with `weights_only=True`), rebuilds the model from the config stored beside its
 state_dict, and prints the final stage's metrics on one split (PrivateTest by
 default) of any data `load_fer2013` reads, for each test-time augmentation asked
 for. Besides `search.final`, this is the only command that may read PrivateTest.
+
+`--groups FILE` adds a per-group bias report (see `search.groups`): accuracy and macro
+recall per group of the user's own attributes, with bootstrap intervals and the gap between
+the worst and the best group, written as a CSV and a PNG.
 """
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
 
 from search.cli import Parser, run_cli
+from search.groups import (
+    N_BOOTSTRAP,
+    GroupLabels,
+    default_out_dir,
+    format_groups,
+    group_report,
+    labels_for_split,
+    read_groups,
+    write_group_report,
+)
 from search.scoring import DEDUP_COLUMNS, duplicate_masks, score_split
+from trainables.calibration import apply_temperature, calibration_metrics, fit_temperature
 from trainables.data import SPLITS, FERData, load_fer2013
 from trainables.device import pick_device
 from trainables.errors import UserError
@@ -43,15 +60,27 @@ def format_metrics(rows: pd.DataFrame) -> str:
     return rows.to_string(index=False, float_format=lambda v: f"{v:.4f}")
 
 
+def predict_modes(model: nn.Module, data: FERData, split: str, *, ttas: Sequence[str],
+                  device: torch.device) -> dict[str, np.ndarray]:
+    """Softmax probabilities of `model` on `split`, once per TTA mode."""
+    return {tta: predict(model, data.splits[split].x, device=device, tta=tta).numpy() for tta in ttas}
+
+
 def evaluate_model(model: nn.Module, data: FERData, split: str, *, ttas: Sequence[str], beta: float,
-                   device: torch.device) -> tuple[pd.DataFrame, dict[str, dict]]:
-    """Score `model` on `split` once per TTA mode: a table (one row per mode) and the full metrics per mode."""
+                   device: torch.device, probs: Mapping[str, np.ndarray] | None = None,
+                   ) -> tuple[pd.DataFrame, dict[str, dict]]:
+    """Score `model` on `split` once per TTA mode: a table (one row per mode) and the full metrics per mode.
+
+    `probs` (from `predict_modes`) reuses predictions already made; modes missing from it are predicted here.
+    """
     target = data.splits[split]
     dup = duplicate_masks(data, split)
+    known = dict(probs or {})
+    missing = [tta for tta in ttas if tta not in known]
+    known.update(predict_modes(model, data, split, ttas=missing, device=device))
     rows, full = [], {}
     for tta in ttas:
-        probs = predict(model, target.x, device=device, tta=tta).numpy()
-        m = score_split(probs, target, beta=beta, class_names=data.classes, duplicates=dup)
+        m = score_split(known[tta], target, beta=beta, class_names=data.classes, duplicates=dup)
         full[tta] = m
         shown = data.test_name if split == "PrivateTest" else split
         rows.append({"split": shown, "tta": tta, "n_images": m["n_images"],
@@ -72,6 +101,28 @@ def print_report(table: pd.DataFrame, full: dict[str, dict], classes: Sequence[s
         print(format_metrics(confused_pairs(m["confusion"], classes).head(5)))
 
 
+def calibration_report(model: nn.Module, meta: dict, data: FERData, split: str, probs: np.ndarray, *,
+                       device: torch.device) -> pd.DataFrame:
+    """ECE, NLL and Brier on `split` before and after temperature scaling (`probs`: without TTA).
+
+    The temperature is the one saved with the weights (the final stage fits it on PublicTest);
+    weights saved without one get it fitted here on PublicTest, unless PublicTest is the split
+    evaluated (fitting on the scored split would flatter it), when it stays 1.
+    """
+    y = data.splits[split].y.numpy()
+    if "temperature" in meta:
+        t, source = float(meta["temperature"]), "saved with the weights"
+    elif split != "PublicTest" and "PublicTest" in data.splits:
+        val = data.splits["PublicTest"]
+        t = fit_temperature(predict(model, val.x, device=device).numpy(), val.y.numpy())
+        source = "fitted now on PublicTest (none saved with the weights)"
+    else:
+        t, source = 1.0, "none saved with the weights"
+    before, after = calibration_metrics(probs, y), calibration_metrics(apply_temperature(probs, t), y)
+    return pd.DataFrame([{"temperature": t, "source": source, **before,
+                          **{f"{k}_calibrated": v for k, v in after.items()}}])
+
+
 def build_parser() -> Parser:
     """The `python -m search.evaluate` command line."""
     p = Parser(prog="python -m search.evaluate",
@@ -85,7 +136,50 @@ def build_parser() -> Parser:
     p.add_argument("--beta", type=float, default=1.0, help="beta of the F-beta score (default 1)")
     p.add_argument("--ferplus", default="", help="FER+ votes file for models trained on FER+ labels "
                                                  "(default fer2013new.csv beside --data)")
+    p.add_argument("--groups", default="", metavar="FILE",
+                   help="CSV of group labels keyed by 'row' (0-based data row) or 'file' (image name), one column "
+                        "per attribute: adds a per-group accuracy / macro recall report with bootstrap intervals")
+    p.add_argument("--out", default="", metavar="DIR",
+                   help="folder for the --groups report (default results/<name>/final/groups/ for weights under "
+                        "final/models/, else beside the weights file)")
+    p.add_argument("--bootstrap", type=int, default=None, metavar="N",
+                   help=f"bootstrap replicates of the --groups intervals (default {N_BOOTSTRAP})")
     return p
+
+
+def check_group_flags(a) -> GroupLabels | None:
+    """The parsed groups file, or None without `--groups`; group-only flags without it are an error."""
+    if not a.groups:
+        extra = [flag for flag, value in (("--out", a.out), ("--bootstrap", a.bootstrap)) if value not in ("", None)]
+        if extra:
+            raise UserError(f"{' and '.join(extra)} only apply to the per-group report; add --groups FILE")
+        return None
+    if a.bootstrap is not None and a.bootstrap < 1:
+        raise UserError(f"--bootstrap must be at least 1 replicate, got {a.bootstrap}")
+    return read_groups(a.groups)
+
+
+def report_groups(a, groups: pd.DataFrame, data: FERData, probs: np.ndarray, shown: str) -> None:
+    """Print and write the per-group report of the first TTA mode's predictions on `a.split`."""
+    target = data.splits[a.split]
+    labelled = (groups != "").any(axis=1)
+    print(f"\ngroups: {int(labelled.sum())} of {len(target)} {shown} images have group labels ({a.groups})")
+    empty = [c for c in groups.columns if not (groups[c] != "").any()]
+    if empty:
+        print(f"groups: no {shown} image is labelled for {', '.join(empty)}; left out")
+    table = group_report(target.y.numpy(), probs.argmax(1), groups.drop(columns=empty),
+                         n_boot=a.bootstrap or N_BOOTSTRAP)
+    small = table[(table["kind"] == "group") & ~table["in_gap"].astype(bool)]
+    print(f"-- groups (tta={a.tta[0]}; 95% bootstrap intervals, {a.bootstrap or N_BOOTSTRAP} replicates; "
+          f"gap: best minus worst group)")
+    print(format_groups(table))
+    if len(small):
+        print(f"note: {len(small)} group(s) too small for the gap (in_gap False)")
+    stem = f"{Path(a.model).stem}-{shown}"
+    out = Path(a.out) if a.out else default_out_dir(a.model)
+    csv, png = write_group_report(table, out, stem, title=f"{Path(a.model).name} on {shown}, tta={a.tta[0]}")
+    print(f"group report: {csv}")
+    print(f"group figure: {png}")
 
 
 def run_evaluate(argv: Sequence[str] | None = None) -> int:
@@ -93,18 +187,31 @@ def run_evaluate(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.beta <= 0:
         raise UserError(f"--beta must be positive, got {a.beta}")
+    labels = check_group_flags(a)   # a bad groups file fails before any model or data is loaded
     device = pick_device()
     model, meta = load_weights(a.model, device=device)
-    labels = str(meta.get("labels", "fer2013"))
-    data = load_eval_data(a.data, a.split, labels=labels, ferplus=a.ferplus or None,
+    label_set = str(meta.get("labels", "fer2013"))
+    data = load_eval_data(a.data, a.split, labels=label_set, ferplus=a.ferplus or None,
                           seed=int(meta.get("data_seed", 0)))
     if len(data.classes) != int(meta["num_classes"]):
         raise UserError(f"{a.model} predicts {meta['num_classes']} classes but {a.data} has {len(data.classes)} "
-                        f"({labels} labels)")
-    table, full = evaluate_model(model, data, a.split, ttas=list(dict.fromkeys(a.tta)), beta=a.beta, device=device)
+                        f"({label_set} labels)")
     shown = data.test_name if a.split == "PrivateTest" else a.split
+    groups = None
+    if labels is not None:   # match the keys before predicting: a file that fits no image fails fast
+        groups = labels_for_split(labels, data.splits[a.split].rows.numpy(), data=a.data, split=a.split,
+                                  shown=shown)
+    ttas = list(dict.fromkeys(a.tta))
+    probs = predict_modes(model, data, a.split, ttas=ttas, device=device)
+    table, full = evaluate_model(model, data, a.split, ttas=ttas, beta=a.beta, device=device, probs=probs)
     print(f"{a.model} on {a.data} {shown} ({len(data.splits[a.split])} images, beta={a.beta:g})")
     print_report(table, full, data.classes)
+    plain = probs["none"] if "none" in probs else predict(model, data.splits[a.split].x, device=device).numpy()
+    cal = calibration_report(model, meta, data, a.split, plain, device=device)
+    print(f"\n-- calibration (tta=none; temperature {cal['temperature'].iloc[0]:.3f}, {cal['source'].iloc[0]})")
+    print(format_metrics(cal.drop(columns=["temperature", "source"])))
+    if groups is not None:
+        report_groups(a, groups, data, probs[ttas[0]], shown)
     return 0
 
 

@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Sequence
 
-from search.analysis import print_table, write_error_analysis, write_readme, write_visualisations
+from search.analysis import print_table, write_error_analysis, write_exports, write_readme, write_visualisations
 from search.budget import Clock, Measured, TimeSplit, full_epoch_seconds, plan_final, process_started
 from search.candidates import Candidate, select_candidates
 from search.cli import Parser, run_cli
@@ -41,8 +41,8 @@ OVERRIDABLE = (*FINAL_FLAGS, "address", "data", "cpus_per_trial", "gpus_per_tria
 
 
 def clear_outputs(out: Path) -> None:
-    """Remove the weights and TensorBoard runs of an earlier final stage, so no stale run is left behind."""
-    for sub in ("models", "tensorboard"):
+    """Remove the weights, exports and TensorBoard runs of an earlier final stage, so no stale run is left behind."""
+    for sub in ("models", "tensorboard", "export"):
         shutil.rmtree(out / sub, ignore_errors=True)
 
 
@@ -114,6 +114,7 @@ def run_final(settings: Settings, trials: Sequence[TrialRecord], *, clock: Clock
     analysed = choose_analysed(full, runs)
     write_error_analysis(out, analysed, full, data, ttas)
     write_visualisations(out, runs, data)
+    write_exports(out, runs, full)
     write_readme(out, s, analysed, epochs, ttas, test_name=data.test_name)
     print(f"\n{data.test_name} ({len(data.test)} images; {rows[0]['n_dup_training']} duplicated in Training, "
           f"{rows[0]['n_dup_publictest']} in PublicTest), "

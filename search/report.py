@@ -42,6 +42,9 @@ FINAL_FIGURES = {
     "confusion_matrix.png": "PrivateTest confusion matrix of the analysed model, per test-time augmentation "
                             "(colour: share of the true class).",
     "misclassified.png": "Its most confident PrivateTest mistakes (row, true -> predicted, confidence).",
+    "reliability.png": "Reliability of the analysed model's PrivateTest probabilities before and after temperature "
+                       "scaling (T fitted on PublicTest): accuracy against confidence per bin; the diagonal is "
+                       "perfect calibration.",
     "kernels.png": "First-layer kernels of the best single run (red positive, blue negative weights).",
     "activations.png": "Per emotion its mean PublicTest face, and where the deepest convolution with a spatial grid "
                        "fires more (red) or less (blue) than on the average emotion.",
@@ -156,9 +159,10 @@ def final_section(exp: Path, figures: Path) -> Section:
         return sec
     table = pd.read_csv(metrics)
     cols = [c for c in ("kind", "config", "seed", "tta", "val_acc", "accuracy", "accuracy_dedup", "fbeta_macro",
-                        "top2_accuracy") if c in table.columns]
+                        "top2_accuracy", "ece", "ece_calibrated") if c in table.columns]
     sec.table(table[cols], "metrics.csv: every run, the mean and spread per configuration, the ensembles; "
-                           "val_acc is PublicTest, accuracy PrivateTest.")
+                           "val_acc is PublicTest, accuracy PrivateTest; ece is the expected calibration error "
+                           "before and after temperature scaling (fitted on PublicTest).")
     pairs = final / "confused_pairs.csv"
     if pairs.is_file():
         df = pd.read_csv(pairs)

@@ -17,6 +17,7 @@ import torch
 from search.candidates import Candidate
 from search.cluster import start_ray, trial_resources
 from search.settings import Settings
+from trainables.calibration import fit_temperature
 from trainables.config import TrialConfig
 from trainables.data import SEARCH_SPLITS, SPLITS, FERData, load_fer2013
 from trainables.errors import UserError
@@ -230,7 +231,9 @@ def save_run(result: dict, cand: Candidate, seed: int, s: Settings, data: FERDat
     info = {"name": name, "trial_id": cand.trial_id, "seed": seed, "best_epoch": result["best_epoch"],
             "val_acc": result["val_acc"], "search_val_acc": cand.search_val_acc, "labels": s.labels,
             "experiment": s.name, "data_seed": s.seed, "diverged": result["diverged"], "history": result["history"],
-            "trained_on": result["trained_on"]}
+            "trained_on": result["trained_on"],
+            # fitted on PublicTest without TTA, as search.predict and the exported models classify
+            "temperature": fit_temperature(result["val_probs"]["none"], data.val.y.numpy())}
     path = save_weights(out / "models" / name, result["state_dict"], config=cand.config, classes=data.classes,
                         info=info)
     return FinalRun(candidate=cand, seed=seed, weights=path, best_epoch=int(result["best_epoch"]),

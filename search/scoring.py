@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 from search.retrain import FinalRun
+from trainables.calibration import CALIBRATION_COLUMNS, calibrate
 from trainables.data import FERData, Split, duplicate_mask
 from trainables.inference import predict
 from trainables.metrics import SCALAR_METRICS, classification_metrics, ensemble_probs, masked_accuracy, normalize_rows
@@ -23,7 +24,7 @@ ANALYSIS_TTA = "none"
 KINDS = ("run", "mean", "std", "ensemble_all", "ensemble_best")
 DEDUP_COLUMNS = ["accuracy_dedup", "n_duplicates", "n_dup_training", "n_dup_publictest"]
 METRIC_COLUMNS = ["kind", "config", "trial_id", "seed", "lr", "tta", "n_runs", "best_epoch", "val_acc",
-                  "search_val_acc", *SCALAR_METRICS, *DEDUP_COLUMNS, "n_images", "beta"]
+                  "search_val_acc", *SCALAR_METRICS, *DEDUP_COLUMNS, *CALIBRATION_COLUMNS, "n_images", "beta"]
 
 
 def duplicate_masks(data: FERData, split: str) -> dict[str, np.ndarray]:
@@ -80,7 +81,7 @@ def score_models(runs: Sequence[FinalRun], probs: dict, data: FERData, *, ttas: 
                  beta: float) -> tuple[list[dict], dict[tuple[str, str], dict]]:
     """Score every run and ensemble on PrivateTest per TTA mode: metric rows, and each model's full metrics."""
     dup = duplicate_masks(data, "PrivateTest")
-    val_y = data.val.y.numpy()
+    val_y, test_y = data.val.y.numpy(), data.test.y.numpy()
     models = [(run.name, {"kind": "run", "config": run.candidate.name, "trial_id": run.candidate.trial_id,
                           "seed": run.seed, "lr": run.lr, "n_runs": 1, "best_epoch": run.best_epoch,
                           "search_val_acc": run.candidate.search_val_acc}, [run]) for run in runs]
@@ -93,17 +94,20 @@ def score_models(runs: Sequence[FinalRun], probs: dict, data: FERData, *, ttas: 
             val = ensemble_probs([m.val_probs[tta] for m in members])
             test = ensemble_probs([probs[m.name, tta] for m in members])
             m = score_split(test, data.test, beta=beta, class_names=data.classes, duplicates=dup)
-            m.update(val_acc=float((val.argmax(1) == val_y).mean()), probs=test)
+            # temperature fitted on this model's PublicTest probabilities (same TTA), measured on PrivateTest
+            cal = calibrate(val, val_y, test, test_y)
+            m.update(val_acc=float((val.argmax(1) == val_y).mean()), probs=test, **cal)
             full[name, tta] = m
             rows.append({**ids, "tta": tta, "val_acc": m["val_acc"], **{k: m[k] for k in SCALAR_METRICS},
-                         **{k: m[k] for k in DEDUP_COLUMNS}, "n_images": m["n_images"], "beta": beta})
+                         **{k: m[k] for k in DEDUP_COLUMNS}, **{k: m[k] for k in CALIBRATION_COLUMNS},
+                         "n_images": m["n_images"], "beta": beta})
     return rows, full
 
 
 def summarize_seeds(rows: list[dict]) -> list[dict]:
     """A mean and a (sample) std row per configuration and TTA mode over its seeds; std is blank for one seed."""
     runs = pd.DataFrame([r for r in rows if r["kind"] == "run"])
-    numeric = ["best_epoch", "val_acc", "search_val_acc", *SCALAR_METRICS, "accuracy_dedup"]
+    numeric = ["best_epoch", "val_acc", "search_val_acc", *SCALAR_METRICS, "accuracy_dedup", *CALIBRATION_COLUMNS]
     out = []
     for (config, trial_id, tta), group in runs.groupby(["config", "trial_id", "tta"], sort=False):
         for kind, values in (("mean", group[numeric].mean()), ("std", group[numeric].std(ddof=1))):

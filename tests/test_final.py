@@ -25,6 +25,7 @@ from search.retrain import retrain, without_test
 from tests.helpers import read_table, run_command
 from trainables.config import TrialConfig
 from trainables.data import EMOTIONS, SPLITS, FERData, load_fer2013, make_demo
+from trainables.deploy import load_classifier
 from trainables.errors import UserError
 from trainables.inference import predict
 from trainables.models import build_model
@@ -106,7 +107,8 @@ def test_search_never_reads_private_test_but_final_does(experiment):
 # --------------------------------------------------------------------------- search.final end to end
 
 OUTPUTS = ["metrics.csv", "per_class.csv", "confusion_matrix.csv", "confusion_matrix.png", "confused_pairs.csv",
-           "misclassified.csv", "misclassified.png", "kernels.png", "activations.png", "README.md"]
+           "misclassified.csv", "misclassified.png", "reliability.png", "kernels.png", "activations.png", "README.md",
+           "export/best_single.onnx", "export/best_ensemble.onnx"]
 RUNS = ["seed40", "seed41"]  # --final-seeds 2: --seed+1, --seed+2, never the search's own seed
 
 
@@ -117,6 +119,13 @@ def test_final_writes_every_output(final_dir):
         assert (final_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     weights = sorted(p.name for p in (final_dir / "models").glob("*.pt"))
     assert len(weights) == 2 and [w.split("-")[-1] for w in weights] == [f"{s}.pt" for s in RUNS]
+    # the exported best single run classifies as its weights do, with its temperature
+    single = load_classifier(final_dir / "export" / "best_single.onnx")
+    chosen = final_dir / "models" / f"{single.meta['model']}.pt"
+    crops = np.random.default_rng(0).integers(0, 256, (16, 48, 48), dtype=np.uint8)
+    assert np.abs(single(crops) - load_classifier(chosen)(crops)).max() < 1e-4
+    assert single.meta["temperature"] == pytest.approx(torch.load(chosen, weights_only=True)["temperature"])
+    assert len(load_classifier(final_dir / "export" / "best_ensemble.onnx").meta["members"]) in (1, 2)
     for w in weights:
         assert (final_dir / "models" / w).with_suffix(".json").is_file()
         events = list((final_dir / "tensorboard" / w[:-3]).glob("events.out.tfevents.*"))
@@ -161,6 +170,13 @@ def test_metrics_csv_rows_and_numbers(final_dir):
         meta = json.loads((final_dir / "models" / f"{row.config}-seed{int(row.seed)}.json").read_text())
         assert row.val_acc == pytest.approx(meta["val_acc"], abs=1e-6)
         assert meta["val_acc"] == pytest.approx(max(h["val_acc"] for h in meta["history"]))
+        # the temperature the weights carry is the one metrics.csv reports (fitted on PublicTest, no TTA)
+        assert row.temperature == pytest.approx(meta["temperature"], rel=1e-6)
+    # Calibration columns: a temperature per model, ECE and Brier in their ranges
+    cal = scored[["temperature", "ece", "ece_calibrated", "nll", "nll_calibrated", "brier", "brier_calibrated"]]
+    assert cal.notna().all().all() and (cal["temperature"] > 0).all()
+    assert ((cal[["ece", "ece_calibrated"]] >= 0) & (cal[["ece", "ece_calibrated"]] <= 1)).all().all()
+    assert ((cal[["brier", "brier_calibrated"]] >= 0) & (cal[["brier", "brier_calibrated"]] <= 2)).all().all()
 
 
 def experiment_dir(final_dir):

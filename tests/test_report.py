@@ -19,7 +19,7 @@ from trainables.explain import grad_cam
 from trainables.weights import load_weights
 
 SEARCH_FIGURES = {"anytime", "learning_curves", "importance", "objective_vs_top_params", "parallel_coordinates"}
-FINAL_FIGURES = {"confusion_matrix", "misclassified", "kernels", "activations"}
+FINAL_FIGURES = {"confusion_matrix", "misclassified", "reliability", "kernels", "activations"}
 MODEL_FIGURES = {"gradcam_examples", "gradcam_mean", "embedding", "top_activating"}
 SECTIONS = ["search", "trials", "final", "gradcam", "features", "settings"]
 
@@ -89,7 +89,7 @@ def test_the_report_opens_in_a_real_browser(report_exp):
             browser.close()
     assert errors == []
     assert sections == SECTIONS
-    assert len(images) == 13 and all(width and width > 100 for _, width in images), images
+    assert len(images) == 14 and all(width and width > 100 for _, width in images), images
     assert "Where the model looks" in text and "fANOVA" in text
 
 

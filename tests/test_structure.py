@@ -15,7 +15,7 @@ PACKAGES = ("search", "trainables", "spaces")
 # The commands (`python -m search.<name>`): library code never imports them; the search runs
 # the final stage when it ends, and both write the report when they end.
 COMMANDS = {"search.run", "search.final", "search.evaluate", "search.lr_find", "search.augment_preview",
-            "search.report"}
+            "search.report", "search.predict", "search.export_model"}
 ALLOWED_COMMAND_IMPORTS = {("search.run", "search.final"), ("search.run", "search.report"),
                            ("search.final", "search.report")}
 

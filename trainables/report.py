@@ -241,3 +241,35 @@ def plot_embedding(xy: np.ndarray, y: np.ndarray, class_names: Sequence[str], pa
     ax.legend(fontsize=7, markerscale=3, loc="best")
     ax.set_title(title, fontsize=9)
     _save(fig, path)
+
+
+RELIABLE_BIN = 10
+
+
+def plot_reliability(curves: Mapping[str, Mapping[str, np.ndarray]], path: str | os.PathLike, *,
+                     title: str = "") -> None:
+    """Reliability diagram: per confidence bin, accuracy against mean confidence, one line per entry.
+
+    `curves` maps a label (e.g. "before (ECE 8.1%)") to `trainables.calibration.reliability`'s
+    dict; a perfectly calibrated model lies on the diagonal. Below, how many images each bin holds;
+    a bin of fewer than `RELIABLE_BIN` images is left off the line (its accuracy is noise).
+    """
+    fig = Figure(figsize=(5.2, 6.0), layout="constrained")
+    top, bottom = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
+    top.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfectly calibrated")
+    width = 1.0 / max(len(next(iter(curves.values()))["count"]), 1)
+    for i, (label, r) in enumerate(curves.items()):
+        used = r["count"] >= RELIABLE_BIN
+        top.plot(r["confidence"][used], r["accuracy"][used], marker="o", markersize=4, label=label)
+        centres = (r["edges"][:-1] + r["edges"][1:]) / 2
+        offset = (i - (len(curves) - 1) / 2) * width / max(len(curves), 1)
+        bottom.bar(centres + offset, r["count"], width=width / max(len(curves), 1), label=label)
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy in bin")
+    top.legend(fontsize=8, loc="upper left")
+    bottom.set_xlabel("confidence of the predicted emotion")
+    bottom.set_ylabel("images")
+    if title:
+        top.set_title(title, fontsize=9)
+    _save(fig, path)

@@ -88,7 +88,7 @@ class Predictor:
 
 def draw(bgr: np.ndarray, rows: Sequence[dict], classes: Sequence[str]) -> np.ndarray:
     """A copy of the picture with each face's box and 'emotion 87%' above it, in the emotion's colour."""
-    out = cv2.cvtColor(bgr, cv2.COLOR_GRAY2BGR) if bgr.ndim == 2 else bgr[..., :3].copy()
+    out = bgr.copy()
     thick = max(1, round(max(out.shape[:2]) / 400))
     for r in rows:
         colour = COLOURS[list(classes).index(r["emotion"]) % len(COLOURS)]
@@ -154,6 +154,8 @@ def predict_picture(p: Predictor, item: Input, out_dir: Path, result: Outcome, *
         return
     if bgr.dtype != np.uint8:  # 16-bit PNG/TIFF
         bgr = cv2.convertScaleAbs(bgr, alpha=255.0 / max(int(bgr.max()), 1))
+    if bgr.ndim == 2 or bgr.shape[2] != 3:  # gray or with alpha: the detectors and the drawing take BGR
+        bgr = cv2.cvtColor(bgr, cv2.COLOR_GRAY2BGR if bgr.ndim == 2 else cv2.COLOR_BGRA2BGR)
     result.pictures += 1
     boxes, crops = p.faces(bgr, whole=no_detect or bgr.shape[:2] == (SIZE, SIZE))
     rows = p.rows(name, None, boxes, crops)

@@ -49,14 +49,17 @@ def _big(face: np.ndarray, side: int = FACE_SIDE) -> np.ndarray:
     return cv2.resize(face, (side, side), interpolation=cv2.INTER_CUBIC)[..., None]
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
+def weights_file(folder):
     """A small ConvNet's weights file carrying a temperature, as the final stage writes it."""
     torch.manual_seed(0)
     model = build_model("convnet", num_classes=7, width=16, depth=2, dropout=0.0)
-    path = tmp_path_factory.mktemp("weights") / "run.pt"
-    return save_weights(path, model.state_dict(), config={"width": 16, "depth": 2, "dropout": 0.0},
+    return save_weights(folder / "run.pt", model.state_dict(), config={"width": 16, "depth": 2, "dropout": 0.0},
                         classes=EMOTIONS, info={"temperature": TEMPERATURE, "name": "run"})
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return weights_file(tmp_path_factory.mktemp("weights"))
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +112,11 @@ def test_photo_with_several_faces(photo, weights, tmp_path, capsys):
     original = cv2.imread(str(path))
     assert annotated.shape == original.shape and np.abs(annotated.astype(int) - original).mean() > 1
     assert "5 faces in 1 inputs" in capsys.readouterr().out
+    # the same photo as a gray PNG: the same faces
+    gray = tmp_path / "gray.png"
+    cv2.imwrite(str(gray), cv2.cvtColor(original, cv2.COLOR_BGR2GRAY))
+    assert predict_main(["--model", str(weights), str(gray), "--out", str(tmp_path / "g"), "--no-annotate"]) == 0
+    assert len(pd.read_csv(tmp_path / "g" / "predictions.csv")) == len(places)
 
 
 def test_probabilities_use_the_saved_temperature(found, weights, tmp_path):
@@ -250,7 +258,7 @@ def test_picture_without_a_face_exits_1(weights, tmp_path, capsys):
     assert err == [f"warning: {blank}: no face found"]
 
 
-@pytest.mark.parametrize("kind", ["not weights", "random bytes onnx", "missing model", "bad flag"])
+@pytest.mark.parametrize("kind", ["not weights", "random bytes onnx", "missing model", "bad flag", "bad detector"])
 def test_bad_model_or_flag_is_one_line(kind, found, tmp_path, capsys):
     face = tmp_path / "face.png"
     cv2.imwrite(str(face), found[0])
@@ -265,6 +273,11 @@ def test_bad_model_or_flag_is_one_line(kind, found, tmp_path, capsys):
     elif kind == "bad flag":
         torch.save({"optimizer": {}}, model)
         args += ["--every", "0"]
+    elif kind == "bad detector":
+        model = weights_file(tmp_path)
+        args[1] = str(model)
+        (tmp_path / "yunet.onnx").write_bytes(bytes(range(256)) * 8)
+        args += ["--detector", str(tmp_path / "yunet.onnx")]
     assert predict_main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err

@@ -80,12 +80,13 @@ def classifier_from_weights(paths: Sequence[str | os.PathLike], *, temperature: 
     classes = metas[0]["classes"]
     if any(m["classes"] != classes for m in metas):
         raise UserError("the weights files of an ensemble must predict the same classes")
+    calibrated = temperature is not None or (len(metas) == 1 and "temperature" in metas[0])
     if temperature is None:
         temperature = float(metas[0].get("temperature", 1.0)) if len(metas) == 1 else 1.0
     meta = describe(classes, temperature, members=[str(m.get("name", Path(p).stem)) for m, p in zip(metas, paths)],
                     configs=[m["config"] for m in metas],
                     val_acc=[m.get("val_acc") for m in metas], labels=metas[0].get("labels", "fer2013"),
-                    calibrated="temperature" in metas[0] or len(metas) > 1)
+                    calibrated=calibrated)
     return Classifier(members, temperature).to(device or torch.device("cpu")).eval(), meta
 
 

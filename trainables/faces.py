@@ -45,7 +45,7 @@ class HaarDetector:
         self.min_face, self.scale_factor, self.min_neighbors = min_face, scale_factor, min_neighbors
 
     def __call__(self, bgr: np.ndarray) -> list[Box]:
-        gray, scale = _shrunk(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY))
+        gray, scale = _shrunk(to_gray(bgr))
         min_side = max(12, round(self.min_face * scale))
         boxes = self.cascade.detectMultiScale(gray, scaleFactor=self.scale_factor,
                                               minNeighbors=self.min_neighbors, minSize=(min_side, min_side))

@@ -1,6 +1,7 @@
 """The final stage's pictures and notes: error analysis, kernels and activations, its README, the printed table."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -70,6 +71,11 @@ def write_exports(out: Path, runs: Sequence[FinalRun], full: dict) -> dict[str, 
             ("best_single", [best.weights], None, {"model": best.name}),
             ("best_ensemble", [r.weights for r in members], full[kind, ANALYSIS_TTA]["temperature"],
              {"model": kind})):
+        if label == "best_ensemble" and [r.name for r in members] == [best.name]:
+            # one configuration: its best-run "ensemble" is the best run itself, same probabilities
+            shutil.copyfile(written["best_single"], out / "export" / f"{label}.onnx")
+            written[label] = out / "export" / f"{label}.onnx"
+            continue
         classifier, meta = classifier_from_weights(weights, temperature=temperature)
         meta.update(extra, val_acc_publictest=full[extra["model"], ANALYSIS_TTA]["val_acc"])
         written[label] = export_onnx(classifier, meta, out / "export" / f"{label}.onnx")

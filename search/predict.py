@@ -11,7 +11,7 @@ A 48x48 picture is already a face crop and is classified whole, as is every pict
 `--no-detect`. An input that cannot be read, a video that ends before its frame count, or a
 picture with no face is one line on stderr, and the rest goes on; the exit status says what
 happened: 0 every input gave predictions, 1 some picture had no face, 2 some input could not
-be read (or a flag or the model was wrong).
+be read in full (or a flag or the model was wrong).
 """
 from __future__ import annotations
 

@@ -208,6 +208,10 @@ def labels_for_split(labels: GroupLabels, split_rows: np.ndarray, *, data: str, 
 
 
 # --------------------------------------------------------------------------- metrics and bootstrap
+# The bootstrap is drawn here rather than with scipy.stats.bootstrap: one set of replicates per
+# group serves both metrics and, replicate by replicate, the gap between groups (max minus min
+# over groups resampled independently), so the group intervals and the gap interval come from
+# the same draws; scipy's would redraw per statistic and per call.
 
 def macro_recall(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Mean recall over the classes present in `y_true` (absent classes would be 0/0, not a score)."""

@@ -284,6 +284,9 @@ def predict_command(argv: Sequence[str] | None = None) -> int:
         (f"; no face in {len(result.faceless)} picture(s)" if result.faceless else "")
     print(f"{len(result.rows)} faces in {files} inputs ({result.pictures} pictures, {result.frames} video frames "
           f"looked at){trouble}; {out_dir / PREDICTIONS}" + ("" if a.no_annotate else f", {out_dir / ANNOTATED}/"))
+    if result.rows:
+        counts = pd.Series([r["emotion"] for r in result.rows]).value_counts()
+        print("faces per emotion: " + ", ".join(f"{e} {n}" for e, n in counts.items()))
     if result.failed:  # each was one line on stderr as it happened
         return 2
     return 1 if result.faceless else 0

@@ -111,7 +111,10 @@ def test_photo_with_several_faces(photo, weights, tmp_path, capsys):
     annotated = cv2.imread(str(tmp_path / "annotated" / "group.jpg"))
     original = cv2.imread(str(path))
     assert annotated.shape == original.shape and np.abs(annotated.astype(int) - original).mean() > 1
-    assert "5 faces in 1 inputs" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "5 faces in 1 inputs" in out
+    counts = df["emotion"].value_counts()
+    assert "faces per emotion: " + ", ".join(f"{e} {n}" for e, n in counts.items()) in out
     # the same photo as a gray PNG: the same faces
     gray = tmp_path / "gray.png"
     cv2.imwrite(str(gray), cv2.cvtColor(original, cv2.COLOR_BGR2GRAY))

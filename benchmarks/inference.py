@@ -138,8 +138,8 @@ def main() -> int:
             params = sum(v.numel() for v in net.parameters())
             int8_path = quantize_onnx(onnx_path, Path(tmp) / "m8.onnx", crops[:512])
             runners = {"pytorch eager": torch_runner(classifier),
-                       "onnxruntime": load_classifier(onnx_path, threads=a.threads)._run,
-                       "onnxruntime int8": load_classifier(int8_path, threads=a.threads)._run}
+                       "onnxruntime": load_classifier(onnx_path, threads=a.threads).run_batch,
+                       "onnxruntime int8": load_classifier(int8_path, threads=a.threads).run_batch}
             for runtime, run in runners.items():
                 for batch in BATCHES:
                     n = a.images if batch > 1 else min(a.images, 1000)

@@ -183,13 +183,13 @@ class Loaded:
     """A classifier loaded from a weights file, an ONNX file or a TorchScript archive: crops -> probabilities."""
 
     def __init__(self, run, meta: dict, kind: str) -> None:
-        self._run, self.meta, self.kind = run, meta, kind
+        self.run_batch, self.meta, self.kind = run, meta, kind  # run_batch: one call, no slicing
         self.classes: list[str] = list(meta["classes"])
 
     def __call__(self, crops: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """uint8 (N, 48, 48) -> float32 (N, C) probabilities."""
         crops = np.ascontiguousarray(crops, dtype=np.uint8)
-        out = [self._run(crops[i:i + batch_size]) for i in range(0, len(crops), batch_size)]
+        out = [self.run_batch(crops[i:i + batch_size]) for i in range(0, len(crops), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
 

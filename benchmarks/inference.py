@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from search.retrain import run_name  # noqa: E402
 from trainables.data import load_fer2013  # noqa: E402
 from trainables.deploy import Classifier, describe, export_onnx, load_classifier, quantize_onnx  # noqa: E402
 from trainables.files import write_csv  # noqa: E402
@@ -76,8 +77,8 @@ def best_convnet(experiment: Path | None) -> tuple[torch.nn.Module, float, str, 
         sys.exit(f"error: {experiment}/final/models holds no ConvNet weights")
     _, name, model, temperature = max(runs, key=lambda r: r[0])
     metrics = pd.read_csv(experiment / "final" / "metrics.csv")
-    row = metrics[(metrics["kind"] == "run") & (metrics["tta"] == "none")
-                  & (metrics["config"] + "-seed" + metrics["seed"].astype("Int64").astype(str) == name)]
+    runs = metrics[(metrics["kind"] == "run") & (metrics["tta"] == "none")]
+    row = runs[[run_name(c, int(s)) == name for c, s in zip(runs["config"], runs["seed"])]]
     return model, temperature, name, float(row["accuracy"].iloc[0]) if len(row) else float("nan")
 
 
@@ -122,8 +123,7 @@ def main() -> int:
     p.add_argument("--out", default=str(OUT), help=f"the CSV written (default {OUT})")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    data = load_fer2013(a.data, splits=("Training", "PublicTest")) if Path(a.data).exists() else \
-        load_fer2013("demo", splits=("Training", "PublicTest"))
+    data = load_fer2013(a.data if Path(a.data).exists() else "demo", splits=("PublicTest",))
     crops = data.splits["PublicTest"].x.numpy()[:a.images]
     labels = data.splits["PublicTest"].y.numpy()[:a.images]
     model, temperature, name, private_acc = best_convnet(Path(a.experiment) if a.experiment else None)

@@ -33,7 +33,7 @@ from search.groups import (
     write_group_report,
 )
 from search.scoring import DEDUP_COLUMNS, duplicate_masks, score_split
-from trainables.calibration import apply_temperature, calibration_metrics, fit_temperature
+from trainables.calibration import CALIBRATION_COLUMNS, compare, fit_temperature
 from trainables.data import SPLITS, FERData, load_fer2013
 from trainables.device import pick_device
 from trainables.errors import UserError
@@ -66,21 +66,15 @@ def predict_modes(model: nn.Module, data: FERData, split: str, *, ttas: Sequence
     return {tta: predict(model, data.splits[split].x, device=device, tta=tta).numpy() for tta in ttas}
 
 
-def evaluate_model(model: nn.Module, data: FERData, split: str, *, ttas: Sequence[str], beta: float,
-                   device: torch.device, probs: Mapping[str, np.ndarray] | None = None,
-                   ) -> tuple[pd.DataFrame, dict[str, dict]]:
-    """Score `model` on `split` once per TTA mode: a table (one row per mode) and the full metrics per mode.
-
-    `probs` (from `predict_modes`) reuses predictions already made; modes missing from it are predicted here.
-    """
+def evaluate_model(probs: Mapping[str, np.ndarray], data: FERData, split: str, *,
+                   beta: float) -> tuple[pd.DataFrame, dict[str, dict]]:
+    """Score a model's probabilities on `split` (from `predict_modes`, one entry per TTA mode): a table (one
+    row per mode) and the full metrics per mode."""
     target = data.splits[split]
     dup = duplicate_masks(data, split)
-    known = dict(probs or {})
-    missing = [tta for tta in ttas if tta not in known]
-    known.update(predict_modes(model, data, split, ttas=missing, device=device))
     rows, full = [], {}
-    for tta in ttas:
-        m = score_split(known[tta], target, beta=beta, class_names=data.classes, duplicates=dup)
+    for tta, mode_probs in probs.items():
+        m = score_split(mode_probs, target, beta=beta, class_names=data.classes, duplicates=dup)
         full[tta] = m
         shown = data.test_name if split == "PrivateTest" else split
         rows.append({"split": shown, "tta": tta, "n_images": m["n_images"],
@@ -118,9 +112,7 @@ def calibration_report(model: nn.Module, meta: dict, data: FERData, split: str, 
         source = "fitted now on PublicTest (none saved with the weights)"
     else:
         t, source = 1.0, "none saved with the weights"
-    before, after = calibration_metrics(probs, y), calibration_metrics(apply_temperature(probs, t), y)
-    return pd.DataFrame([{"temperature": t, "source": source, **before,
-                          **{f"{k}_calibrated": v for k, v in after.items()}}])
+    return pd.DataFrame([{"source": source, **{k: compare(probs, y, t)[k] for k in CALIBRATION_COLUMNS}}])
 
 
 def build_parser() -> Parser:
@@ -203,7 +195,7 @@ def run_evaluate(argv: Sequence[str] | None = None) -> int:
                                   shown=shown)
     ttas = list(dict.fromkeys(a.tta))
     probs = predict_modes(model, data, a.split, ttas=ttas, device=device)
-    table, full = evaluate_model(model, data, a.split, ttas=ttas, beta=a.beta, device=device, probs=probs)
+    table, full = evaluate_model(probs, data, a.split, beta=a.beta)
     print(f"{a.model} on {a.data} {shown} ({len(data.splits[a.split])} images, beta={a.beta:g})")
     print_report(table, full, data.classes)
     plain = probs["none"] if "none" in probs else predict(model, data.splits[a.split].x, device=device).numpy()

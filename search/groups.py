@@ -26,7 +26,7 @@ import pandas as pd
 from sklearn.metrics import recall_score
 
 from trainables.data.folders import _list_images, _named_splits
-from trainables.errors import UserError
+from trainables.errors import UserError, first_line
 from trainables.files import atomic_path, write_csv
 
 KEY_COLUMNS = ("row", "file")
@@ -74,8 +74,7 @@ def read_groups(path: str | os.PathLike) -> GroupLabels:
     except pd.errors.ParserWarning:
         raise UserError(f"cannot read groups file {path} as CSV (a line has more fields than the header)") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot read groups file {path} as CSV ({reason})") from None
+        raise UserError(f"cannot read groups file {path} as CSV ({first_line(err)})") from None
     raw = raw.apply(lambda col: col.str.strip())
     raw.columns = [str(c).strip() for c in raw.columns]
     # A trailing comma makes a nameless, empty column: not an attribute.

@@ -56,7 +56,7 @@ class Outcome:
 
 @dataclass
 class Predictor:
-    """The model, the detector (None: classify whole pictures) and how big the smallest face may be."""
+    """The model, the detector (None: classify whole pictures) and whether to draw annotated copies."""
 
     model: Loaded
     detector: object | None

@@ -96,13 +96,15 @@ def calibration_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
 CALIBRATION_COLUMNS = ("temperature", "ece", "ece_calibrated", "nll", "nll_calibrated", "brier", "brier_calibrated")
 
 
-def calibrate(val_probs: np.ndarray, val_y: np.ndarray, test_probs: np.ndarray, test_y: np.ndarray) -> dict:
-    """Fit T on (val_probs, val_y); the metrics of `test_probs` before and after, and the calibrated probs.
-
-    Returns the `CALIBRATION_COLUMNS` plus `probs_calibrated`.
-    """
-    t = fit_temperature(val_probs, val_y)
-    calibrated = apply_temperature(test_probs, t)
+def compare(test_probs: np.ndarray, test_y: np.ndarray, temperature: float) -> dict:
+    """The metrics of `test_probs` before and after `temperature`: the `CALIBRATION_COLUMNS` plus
+    `probs_calibrated`."""
+    calibrated = apply_temperature(test_probs, temperature)
     before, after = calibration_metrics(test_probs, test_y), calibration_metrics(calibrated, test_y)
-    return {"temperature": t, **{k: before[k] for k in before}, **{f"{k}_calibrated": after[k] for k in after},
+    return {"temperature": float(temperature), **before, **{f"{k}_calibrated": after[k] for k in after},
             "probs_calibrated": calibrated}
+
+
+def calibrate(val_probs: np.ndarray, val_y: np.ndarray, test_probs: np.ndarray, test_y: np.ndarray) -> dict:
+    """Fit T on (val_probs, val_y), then `compare` on the test split."""
+    return compare(test_probs, test_y, fit_temperature(val_probs, val_y))

@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 
 from trainables.augment import MEAN, STD
-from trainables.errors import UserError
+from trainables.errors import UserError, first_line
 from trainables.files import atomic_path
-from trainables.weights import load_weights, model_from_weights, read_weights
+from trainables.weights import load_weights
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -220,14 +220,9 @@ def load_classifier(path: str | os.PathLike, *, threads: int = 0) -> Loaded:
             return Loaded(_torch_runner(module.eval()), json.loads(extra["metadata.json"]), "torchscript")
         except Exception as err:  # torch raises many types for a damaged archive
             raise UserError(f"cannot read {path} as a TorchScript model from search.export_model "
-                            f"({str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__})"
-                            ) from None
-    ckpt = read_weights(path)
-    model = model_from_weights(ckpt, source=str(path))
-    temperature = float(ckpt.get("temperature", 1.0))
-    meta = describe(ckpt["classes"], temperature, members=[str(ckpt.get("name", path.stem))],
-                    calibrated="temperature" in ckpt)
-    return Loaded(_torch_runner(Classifier([model], temperature).eval()), meta, "weights")
+                            f"({first_line(err, 120)})") from None
+    classifier, meta = classifier_from_weights([path])
+    return Loaded(_torch_runner(classifier), meta, "weights")
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -244,8 +239,7 @@ def _load_onnx(path: Path, threads: int) -> Loaded:
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... types
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot read {path} as an ONNX model ({first})") from None
+        raise UserError(f"cannot read {path} as an ONNX model ({first_line(err)})") from None
     props = session.get_modelmeta().custom_metadata_map
     if "classes" not in props:
         raise UserError(f"{path} is an ONNX model without class names in its metadata; export it with "

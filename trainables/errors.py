@@ -3,3 +3,10 @@
 
 class UserError(Exception):
     """A problem the user can fix; the CLI prints its message as one line and exits 2."""
+
+
+def first_line(err: BaseException, limit: int = 160) -> str:
+    """The first line of a library's exception message (at most `limit` characters), or its type's name when
+    the message is empty: the reason a one-line UserError quotes."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from trainables.config import TrialConfig
-from trainables.errors import UserError
+from trainables.errors import UserError, first_line
 from trainables.files import atomic_path, write_text
 from trainables.runner import model_from_config
 
@@ -45,8 +45,7 @@ def read_weights(path: str | os.PathLike) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types here (pickle, zip, runtime): all mean "not our file"
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot read {path} as weights saved by search.final ({reason})") from None
+        raise UserError(f"cannot read {path} as weights saved by search.final ({first_line(err)})") from None
     missing = [k for k in WEIGHTS_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise UserError(f"{path} is not a weights file from search.final (missing {', '.join(missing)})")
@@ -60,9 +59,8 @@ def model_from_weights(ckpt: dict, *, device: torch.device | None = None, source
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0][:160]
-        raise UserError(f"{source}: the state_dict does not fit a {cfg.arch} built from its config ({first})") \
-            from None
+        raise UserError(f"{source}: the state_dict does not fit a {cfg.arch} built from its config "
+                        f"({first_line(err)})") from None
     return model.to(device or torch.device("cpu")).eval()
 
 

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 
-from search.cli import Parser, run_cli  # noqa: E402
+from search.tuning.cli import Parser, run_cli  # noqa: E402
 from trainables.augment import POLICIES  # noqa: E402
 from trainables.data import EMOTIONS, SEARCH_SPLITS, SPLITS, FERData, Split, load_fer2013, stratified_fraction  # noqa: E402
 from trainables.device import autocast, pick_device  # noqa: E402

@@ -2,7 +2,7 @@
 
 `python benchmarks/inference.py [--experiment results/<name>] [--fer-model emotion_model_quantized.tflite]`
 measures, in one run on this machine's CPU, how many crops per second each model classifies
-(uint8 crops in, calibrated probabilities out: the `trainables.deploy.Classifier` that
+(uint8 crops in, calibrated probabilities out: the `search.serving.deploy.Classifier` that
 `search.predict` runs, the same module exported to ONNX, and that file quantized to 8 bits
 as `search.export_model --int8` does) for
 
@@ -34,9 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from search.retrain import run_name  # noqa: E402
+from search.final_stage.retrain import run_name  # noqa: E402
+from search.serving.deploy import Classifier, describe, export_onnx, load_classifier, quantize_onnx  # noqa: E402
 from trainables.data import load_fer2013  # noqa: E402
-from trainables.deploy import Classifier, describe, export_onnx, load_classifier, quantize_onnx  # noqa: E402
 from trainables.files import write_csv  # noqa: E402
 from trainables.models import build_model  # noqa: E402
 from trainables.weights import load_weights  # noqa: E402

@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ray.tune import Callback  # noqa: E402
 
-from search.cluster import start_ray, tolerate_lost_workers, trial_resources  # noqa: E402
 from search.run import build_tuner, load_search_data  # noqa: E402
-from search.settings import parse_settings  # noqa: E402
-from search.tune_callbacks import TrialsCsvWriter  # noqa: E402
+from search.tuning.callbacks import TrialsCsvWriter  # noqa: E402
+from search.tuning.cluster import start_ray, tolerate_lost_workers, trial_resources  # noqa: E402
+from search.tuning.settings import parse_settings  # noqa: E402
 from trainables.files import write_csv  # noqa: E402
 
 _DATA = {}

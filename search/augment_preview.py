@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from search.cli import Parser, run_cli
+from search.tuning.cli import Parser, run_cli
 from trainables.augment import POLICIES, build_augment, to_input
 from trainables.data import load_fer2013
 from trainables.errors import UserError

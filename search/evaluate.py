@@ -6,7 +6,7 @@ state_dict, and prints the final stage's metrics on one split (PrivateTest by
 default) of any data `load_fer2013` reads, for each test-time augmentation asked
 for. Besides `search.final`, this is the only command that may read PrivateTest.
 
-`--groups FILE` adds a per-group bias report (see `search.groups`): accuracy and macro
+`--groups FILE` adds a per-group bias report (see `search.bias.groups`): accuracy and macro
 recall per group of the user's own attributes, with bootstrap intervals and the gap between
 the worst and the best group, written as a CSV and a PNG.
 """
@@ -21,8 +21,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from search.cli import Parser, run_cli
-from search.groups import (
+from search.bias.groups import (
     N_BOOTSTRAP,
     GroupLabels,
     default_out_dir,
@@ -32,7 +31,8 @@ from search.groups import (
     read_groups,
     write_group_report,
 )
-from search.scoring import DEDUP_COLUMNS, duplicate_masks, score_split
+from search.final_stage.scoring import DEDUP_COLUMNS, duplicate_masks, score_split
+from search.tuning.cli import Parser, run_cli
 from trainables.calibration import CALIBRATION_COLUMNS, compare, fit_temperature
 from trainables.data import SPLITS, FERData, load_fer2013
 from trainables.device import pick_device
@@ -83,7 +83,7 @@ def evaluate_model(probs: Mapping[str, np.ndarray], data: FERData, split: str, *
     return pd.DataFrame(rows), full
 
 
-def print_report(table: pd.DataFrame, full: dict[str, dict], classes: Sequence[str]) -> None:
+def print_metrics(table: pd.DataFrame, full: dict[str, dict], classes: Sequence[str]) -> None:
     """Print the scalar table, then per TTA mode the per-class table, confusion counts and top confusions."""
     print(format_metrics(table))
     for tta, m in full.items():
@@ -95,7 +95,7 @@ def print_report(table: pd.DataFrame, full: dict[str, dict], classes: Sequence[s
         print(format_metrics(confused_pairs(m["confusion"], classes).head(5)))
 
 
-def calibration_report(model: nn.Module, meta: dict, data: FERData, split: str, probs: np.ndarray, *,
+def print_calibration(model: nn.Module, meta: dict, data: FERData, split: str, probs: np.ndarray, *,
                        device: torch.device) -> pd.DataFrame:
     """ECE, NLL and Brier on `split` before and after temperature scaling (`probs`: without TTA).
 
@@ -151,7 +151,7 @@ def check_group_flags(a) -> GroupLabels | None:
     return read_groups(a.groups)
 
 
-def report_groups(a, groups: pd.DataFrame, data: FERData, probs: np.ndarray, shown: str) -> None:
+def print_groups(a, groups: pd.DataFrame, data: FERData, probs: np.ndarray, shown: str) -> None:
     """Print and write the per-group report of the first TTA mode's predictions on `a.split`."""
     target = data.splits[a.split]
     labelled = (groups != "").any(axis=1)
@@ -174,7 +174,7 @@ def report_groups(a, groups: pd.DataFrame, data: FERData, probs: np.ndarray, sho
     print(f"group figure: {png}")
 
 
-def run_evaluate(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Parse the flags, load the weights and the data, print the metrics; returns the exit status."""
     a = build_parser().parse_args(argv)
     if a.beta <= 0:
@@ -197,20 +197,16 @@ def run_evaluate(argv: Sequence[str] | None = None) -> int:
     probs = predict_modes(model, data, a.split, ttas=ttas, device=device)
     table, full = evaluate_model(probs, data, a.split, beta=a.beta)
     print(f"{a.model} on {a.data} {shown} ({len(data.splits[a.split])} images, beta={a.beta:g})")
-    print_report(table, full, data.classes)
+    print_metrics(table, full, data.classes)
     plain = probs["none"] if "none" in probs else predict(model, data.splits[a.split].x, device=device).numpy()
-    cal = calibration_report(model, meta, data, a.split, plain, device=device)
+    cal = print_calibration(model, meta, data, a.split, plain, device=device)
     print(f"\n-- calibration (tta=none; temperature {cal['temperature'].iloc[0]:.3f}, {cal['source'].iloc[0]})")
     print(format_metrics(cal.drop(columns=["temperature", "source"])))
     if groups is not None:
-        report_groups(a, groups, data, probs[ttas[0]], shown)
+        print_groups(a, groups, data, probs[ttas[0]], shown)
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: a user error is one line on stderr and exit status 2 (Ctrl-C: 130)."""
-    return run_cli(run_evaluate, argv)
-
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -2,7 +2,7 @@
 
 The file takes uint8 48x48 gray face crops (any batch size) and returns calibrated
 probabilities: pixel scaling, FER2013's normalisation, the softmax and the temperature the
-final stage fitted on PublicTest are inside it (`trainables.deploy.Classifier`), and its
+final stage fitted on PublicTest are inside it (`search.serving.deploy.Classifier`), and its
 metadata holds the class names and how to cut a face crop. Several `--model` files make one
 ensemble (mean softmax; give its temperature from the final stage's metrics.csv with
 `--temperature`). After writing, the file is loaded back (ONNX Runtime or TorchScript) and
@@ -21,9 +21,17 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from search.cli import Parser, run_cli
+from search.serving.deploy import (
+    FORMATS,
+    SIZE,
+    SUFFIXES,
+    classifier_from_weights,
+    export,
+    load_classifier,
+    quantize_onnx,
+)
+from search.tuning.cli import Parser, run_cli
 from trainables.data import load_fer2013
-from trainables.deploy import FORMATS, SIZE, SUFFIXES, classifier_from_weights, export, load_classifier, quantize_onnx
 from trainables.errors import UserError
 
 CHECK_CROPS = 64
@@ -57,7 +65,7 @@ def build_parser() -> Parser:
     return p
 
 
-def export_command(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Parse the flags, build the classifier, write and check the file; returns 0."""
     a = build_parser().parse_args(argv)
     if a.temperature < 0:
@@ -101,10 +109,6 @@ def export_int8(classifier, meta: dict, out: Path, data_path: str) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: a user error is one line on stderr and exit status 2 (Ctrl-C: 130)."""
-    return run_cli(export_command, argv)
-
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -15,13 +15,14 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from search.cli import Parser, run_cli
+from search.figures.plots import plot_lr_curve
+from search.tuning.cli import Parser, run_cli
 from trainables.augment import POLICIES, build_augment
 from trainables.data import load_fer2013, stratified_fraction
 from trainables.device import pick_device, to_device
 from trainables.errors import UserError
 from trainables.files import write_csv
-from trainables.lr_find import lr_range_test, plot_curve
+from trainables.lr_range import lr_range_test
 from trainables.models import MODELS, build_model
 from trainables.optim import OPTIMIZERS
 
@@ -66,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(a.out)
     stem = f"{a.arch}-{a.optimizer}-bs{a.batch_size}"
     write_csv(pd.DataFrame({"lr": result["lrs"], "loss": result["losses"]}), out / f"{stem}.csv")
-    plot_curve(result, str(out / f"{stem}.png"))
+    plot_lr_curve(result, out / f"{stem}.png")
     print(f"suggested learning rate: {result['suggested_lr']:.3g}")
     print(f"rule: {result['rule']}")
     print(f"curve: {out / (stem + '.csv')}, {out / (stem + '.png')}")

@@ -1,9 +1,9 @@
 """`python -m search.predict --model <weights.pt|model.onnx> INPUT... [--out DIR]`: emotions of faces in pictures.
 
 Reads top to bottom: open the model (final-stage weights, an exported ONNX file or a
-TorchScript archive; `trainables.deploy`), list the inputs (files, and the images and videos
+TorchScript archive; `search.serving.deploy`), list the inputs (files, and the images and videos
 inside folders), then per picture or every N-th video frame find the faces
-(`trainables.faces`), cut each like a FER2013 crop, and classify all of a picture's faces in
+(`search.serving.faces`), cut each like a FER2013 crop, and classify all of a picture's faces in
 one batch with calibrated probabilities. Writes `predictions.csv` (one row per face) and an
 annotated copy of each input (boxes and labels) under `--out`.
 
@@ -24,10 +24,10 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from search.cli import Parser, run_cli
-from trainables.deploy import SIZE, Loaded, load_classifier
+from search.serving.deploy import SIZE, Loaded, load_classifier
+from search.serving.faces import Box, crop_face, make_detector, quiet_opencv, to_gray, whole_crop
+from search.tuning.cli import Parser, run_cli
 from trainables.errors import UserError
-from trainables.faces import Box, crop_face, make_detector, quiet_opencv, to_gray, whole_crop
 from trainables.files import atomic_path, write_csv
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".pgm", ".ppm"}
@@ -259,7 +259,7 @@ def build_parser() -> Parser:
     return p
 
 
-def predict_command(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Parse the flags, classify every input, print a summary; the exit status of the module docstring."""
     a = build_parser().parse_args(argv)
     if a.every < 1:
@@ -292,10 +292,6 @@ def predict_command(argv: Sequence[str] | None = None) -> int:
     return 1 if result.faceless else 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: a user error is one line on stderr and exit status 2 (Ctrl-C: 130)."""
-    return run_cli(predict_command, argv)
-
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

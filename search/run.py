@@ -15,19 +15,19 @@ from functools import partial
 from pathlib import Path
 from typing import Sequence
 
-from search.budget import Clock, SearchBudget, TimeSplit, process_started, set_active
-from search.cli import run_cli
-from search.cluster import memory_limits, start_ray, tolerate_lost_workers, trial_request, trial_resources
-from search.export import UNFINISHED, TrialRecord, export_trials, trials_table
-from search.final import run_final
-from search.report import report_at_end
-from search.settings import Settings, parse_settings
-from search.storage import TUNE_DIR, experiment_root, tune_location, tune_started
-from search.study import STUDY_NAME, resume_into, settle_finished
-from search.warm_start import StudySeed, prepared_storage, study_seed
+from search.figures.page import report_at_end
+from search.final_stage.stage import run_final
+from search.tuning.budget import Clock, SearchBudget, TimeSplit, command_started, search_budget, set_active
+from search.tuning.cli import Parser, run_cli
+from search.tuning.cluster import memory_limits, start_ray, tolerate_lost_workers, trial_request, trial_resources
+from search.tuning.records import UNFINISHED, TrialRecord, write_trials_csv, trials_table
+from search.tuning.settings import Settings, parse_settings, settings_parser
+from search.tuning.storage import TUNE_DIR, experiment_root, tune_location, tune_started
+from search.tuning.study import STUDY_NAME, resume_into, settle_finished
+from search.tuning.warm_start import StudySeed, prepared_storage, study_seed
 from spaces import archs_of, get_space
 from trainables.data import SEARCH_SPLITS, FERData, load_fer2013, stratified_fraction
-from trainables.errors import UserError
+from trainables.errors import UserError, last_line
 from trainables.files import write_text
 from trainables.metrics import METRIC, MODE
 
@@ -133,7 +133,7 @@ def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurre
     """The Tuner: OptunaSearch (TPE or random, seeded) + ASHA or FIFO, or the restored one with --resume.
 
     `study` is what the study starts from (`seed_study`, made here when not given); the study itself
-    is written to `optuna.db` in the experiment folder (`search.study`); `stoppers` are
+    is written to `optuna.db` in the experiment folder (`search.tuning.study`); `stoppers` are
     Tune stoppers besides the time budget's (the benchmarks stop at a number of trial epochs), and
     `callbacks` Tune callbacks besides `writer` (the benchmarks' timelines).
     `reuse_actors`: a finished trial's worker process runs the next trial with the same resource
@@ -147,7 +147,7 @@ def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurre
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.stopper import CombinedStopper
 
-    from search.tune_callbacks import BudgetStopper, TrackedOptunaSearch
+    from search.tuning.callbacks import BudgetStopper, TrackedOptunaSearch
     from trainables.tune_trainable import train_fer
 
     limits = memory_limits(bool(resources["gpu"]))
@@ -197,14 +197,6 @@ def print_summary(df, exp: Path, storage: str = "") -> None:
     print(f"\ntrials: {exp / 'trials.csv'}\ntensorboard: tensorboard --logdir {experiment_root(exp, storage)}")
 
 
-def search_budget(s: Settings, clock: Clock, data: FERData, concurrent: int) -> SearchBudget:
-    """What the search must leave for the final stage under --time-budget (all of it without a final stage)."""
-    return SearchBudget(clock=clock, share=s.final_share if s.final else 0.0, slots=concurrent,
-                        top_k=s.final_top_k, seeds=s.final_seeds, epochs=s.final_epochs,
-                        n_search=len(data.train), n_full=round(len(data.train) / s.train_fraction),
-                        n_test=len(data.val), ttas=len(set(s.final_tta) | {"none"}))
-
-
 def run_search(s: Settings, started: float | None = None) -> int:
     """Run the whole experiment described by `s`; returns the exit status.
 
@@ -223,7 +215,7 @@ def run_search(s: Settings, started: float | None = None) -> int:
     resources, concurrent = trial_resources(s, cluster)
     # settings.json records what the experiment ran with, not the flags' placeholders.
     s = dataclasses.replace(s, gpus_per_trial=resources["gpu"], max_concurrent=concurrent)
-    from search.tune_callbacks import TrialsCsvWriter
+    from search.tuning.callbacks import TrialsCsvWriter
 
     tuner = build_tuner(s, data, exp, resources, concurrent, TrialsCsvWriter(exp, s.max_epochs),
                         offer_weights=offer_weights, study=study)
@@ -243,7 +235,7 @@ def run_search(s: Settings, started: float | None = None) -> int:
         pass
     finally:
         set_active(None)
-    trials = export_trials(exp, s.max_epochs, failed=failed, storage=s.storage)
+    trials = write_trials_csv(exp, s.max_epochs, failed=failed, storage=s.storage)
     settle_finished(exp, trials)  # trials a stopper ended, as trials.csv has them
     print_summary(trials_table(trials), exp, s.storage)
     if _interrupted(trials, s, budget):
@@ -274,8 +266,7 @@ def failed_trials(results) -> dict[str, str]:
     out = {}
     for result in results:
         if result.error is not None and result.path:
-            reason = (str(result.error).strip().splitlines() or ["failed"])[-1][:500]
-            out[Path(result.path).name.removeprefix("trial_")] = reason
+            out[Path(result.path).name.removeprefix("trial_")] = last_line(str(result.error))
     return out
 
 
@@ -285,10 +276,17 @@ def _interrupted(trials: list[TrialRecord], s: Settings, budget: SearchBudget | 
     return bool(unfinished) and not (budget and budget.stopped_at)
 
 
-def main(argv: list[str] | None = None, started: float | None = None) -> int:
-    """Entry point: `python -m search.run`."""
+def build_parser() -> Parser:
+    """The command line: one flag per field of `search.tuning.settings.Settings`, where each is declared."""
+    return settings_parser()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m search.run`: the whole experiment; raises UserError on bad input. --time-budget counts from
+    `command_started(argv)` (the process's start on the command line)."""
+    started = command_started(argv)
     return run_search(parse_settings(argv), started=started)
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(partial(main, started=process_started())))
+    sys.exit(run_cli(main))

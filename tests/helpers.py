@@ -33,6 +33,19 @@ def run_command(module: str, *args: str, env: dict | None = None, timeout: float
                           timeout=timeout, env=full_env, cwd=cwd or ROOT)
 
 
+def as_command(main):
+    """A command's `main` as `python -m` runs it, in this process: its exit status (a UserError prints one
+    line and is 2, Ctrl-C 130), argparse's SystemExit code included."""
+    from search.tuning.cli import run_cli
+
+    def run(argv: list[str]) -> int:
+        try:
+            return run_cli(main, argv)
+        except SystemExit as exit_:
+            return int(exit_.code)
+    return run
+
+
 def read_table(path, **kwargs):
     """A CSV the project wrote, with trial ids kept as text (an id like 01234567 is not a number)."""
     import pandas as pd

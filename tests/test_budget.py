@@ -6,8 +6,16 @@ import time
 
 import pytest
 
-from search.budget import STOP_SECONDS, Clock, Measured, final_reserve, full_epoch_seconds, plan_final, plan_seconds
-from search.retrain import retrain, without_test
+from search.final_stage.retrain import retrain, without_test
+from search.tuning.budget import (
+    STOP_SECONDS,
+    Clock,
+    Measured,
+    final_reserve,
+    full_epoch_seconds,
+    plan_final,
+    plan_seconds,
+)
 from trainables.config import TrialConfig
 from trainables.data import make_demo
 

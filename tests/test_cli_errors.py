@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from search.cli import run_cli
+from search.tuning.cli import run_cli
 from tests.helpers import run_command, write_fer_csv
 
 PIX = " ".join(["0"] * 2304)

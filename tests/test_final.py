@@ -17,19 +17,22 @@ import numpy as np
 import pytest
 import torch
 
-from search.candidates import select_candidates
-from search.evaluate import main as evaluate_main
-from search.export import TrialRecord
-from search.final import main as final_main
-from search.retrain import retrain, without_test
-from tests.helpers import read_table, run_command
+import search.evaluate
+import search.final
+from search.final_stage.candidates import select_candidates
+from search.final_stage.retrain import retrain, without_test
+from search.serving.deploy import load_classifier
+from search.tuning.records import TrialRecord
+from tests.helpers import as_command, read_table, run_command
 from trainables.config import TrialConfig
 from trainables.data import EMOTIONS, SPLITS, FERData, load_fer2013, make_demo
-from trainables.deploy import load_classifier
 from trainables.errors import UserError
 from trainables.inference import predict
 from trainables.models import build_model
 from trainables.weights import load_weights, save_weights
+
+evaluate_main = as_command(search.evaluate.main)
+final_main = as_command(search.final.main)
 
 SIZES = {"Training": 210, "PublicTest": 70, "PrivateTest": 70}
 N_DUPLICATES = 10      # PrivateTest images copied from Training
@@ -324,18 +327,18 @@ def test_training_tasks_are_handed_no_private_test(final_dir):
 
 def test_retrain_keeps_its_best_public_test_epoch(tmp_path, monkeypatch):
     """PublicTest accuracy 0.5, 0.7, 0.6: the run keeps epoch 2's weights, not the last epoch's."""
-    import search.retrain
+    import search.final_stage.retrain
 
     data = make_demo(splits=["Training", "PublicTest"], n_train=140, n_val=70)
     config = {"width": 16, "depth": 2, "batch_size": 32, "lr": 0.05, "augment": "none"}
-    forced, snapshots, real_epoch = [0.5, 0.7, 0.6], [], search.retrain.run_epoch
+    forced, snapshots, real_epoch = [0.5, 0.7, 0.6], [], search.final_stage.retrain.run_epoch
 
     def epoch_with_forced_accuracy(run):
         metrics = real_epoch(run)
         snapshots.append({k: v.clone() for k, v in run.model.state_dict().items()})
         return {**metrics, "val_acc": forced[run.epoch - 1]}
 
-    monkeypatch.setattr(search.retrain, "run_epoch", epoch_with_forced_accuracy)
+    monkeypatch.setattr(search.final_stage.retrain, "run_epoch", epoch_with_forced_accuracy)
     out = retrain(config, data, epochs=3, seed=0, tensorboard_dir=str(tmp_path / "tb"))
     assert [h["val_acc"] for h in out["history"]] == forced
     assert out["best_epoch"] == 2 and out["val_acc"] == 0.7

@@ -1,4 +1,4 @@
-"""The per-group bias report (`search.groups`, `search.evaluate --groups`): hand-computed numbers, the real CLI
+"""The per-group bias report (`search.bias.groups`, `search.evaluate --groups`): hand-computed numbers, the real CLI
 on demo data and on a Kaggle-style image folder, and one-line errors for bad groups files. No Ray, a few seconds."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from search.evaluate import main as evaluate_main
-from search.groups import (
+import search.evaluate
+from search.bias.groups import (
     GROUP_COLUMNS,
     _macro_recall_rows,
     group_report,
@@ -17,11 +17,14 @@ from search.groups import (
     macro_recall,
     read_groups,
 )
+from tests.helpers import as_command
 from trainables.data import EMOTIONS, SPLITS, load_fer2013, make_demo
 from trainables.errors import UserError
 from trainables.inference import predict
 from trainables.models import build_model
 from trainables.weights import load_weights, save_weights
+
+evaluate_main = as_command(search.evaluate.main)
 
 
 def _weights(path):
@@ -41,12 +44,7 @@ def weights(tmp_path_factory):
     return _weights(tmp_path_factory.mktemp("groups") / "results" / "x" / "final" / "models" / "m")
 
 
-def _run(argv: list[str]) -> int:
-    """`python -m search.evaluate argv` in process: its exit status, argparse's SystemExit code included."""
-    try:
-        return evaluate_main(argv)
-    except SystemExit as exit_:
-        return int(exit_.code)
+_run = evaluate_main  # `python -m search.evaluate argv` in process
 
 
 # --------------------------------------------------------------------------- by hand

@@ -8,14 +8,17 @@ import pandas as pd
 import pytest
 import torch
 
-from search.export_model import main as export_main
-from search.predict import main as predict_main
-from tests.helpers import SHARED_FER
+import search.export_model
+import search.predict
+from search.serving.deploy import CROP_MARGIN, Classifier, load_classifier
+from search.serving.faces import HaarDetector, crop_face
+from tests.helpers import SHARED_FER, as_command
 from trainables.data.splits import EMOTIONS
-from trainables.deploy import CROP_MARGIN, Classifier, load_classifier
-from trainables.faces import HaarDetector, crop_face
 from trainables.models import build_model
 from trainables.weights import save_weights
+
+export_main = as_command(search.export_model.main)
+predict_main = as_command(search.predict.main)
 
 TEMPERATURE = 2.0
 FACE_SIDE = 150

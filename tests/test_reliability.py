@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from search.study import TRIAL_ATTR, load_study
+from search.tuning.study import TRIAL_ATTR, load_study
 from tests.helpers import ROOT, read_table, run_command
 
 # With TPE seeded 5, the first five convnet configs (TPE's random start-up draws) are:

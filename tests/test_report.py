@@ -10,13 +10,15 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from search.cli import run_cli
-from search.report import main as report_main
-from search.study import TRIAL_ATTR, load_study
-from tests.helpers import read_table, run_command
+import search.report
+from search.figures.explain import grad_cam
+from search.tuning.cli import run_cli
+from search.tuning.study import TRIAL_ATTR, load_study
+from tests.helpers import as_command, read_table, run_command
 from trainables.data import make_demo
-from trainables.explain import grad_cam
 from trainables.weights import load_weights
+
+report_main = as_command(search.report.main)
 
 SEARCH_FIGURES = {"anytime", "learning_curves", "importance", "objective_vs_top_params", "parallel_coordinates"}
 FINAL_FIGURES = {"confusion_matrix", "misclassified", "reliability", "kernels", "activations"}
@@ -152,7 +154,7 @@ def test_optuna_db_is_rebuilt_from_the_snapshot_a_resume_restores(tmp_path):
 
     import optuna
 
-    from search.study import STUDY_NAME, open_storage, study_url
+    from search.tuning.study import STUDY_NAME, open_storage, study_url
 
     storage = open_storage(tmp_path)
     study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize")

@@ -10,8 +10,8 @@ import time
 import pytest
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from search.cli import run_cli
-from search.study import TRIAL_ATTR, load_study
+from search.tuning.cli import run_cli
+from search.tuning.study import TRIAL_ATTR, load_study
 from tests.helpers import N_DEMO, read_table, run_command, write_fer_csv
 
 
@@ -52,7 +52,7 @@ def test_known_good_configurations_run_first(demo_experiment):
     """The first trials of a search are its space's known-good configurations, exactly as written."""
     from functools import partial
 
-    from search.warm_start import KNOWN_GOOD, replay
+    from search.tuning.warm_start import KNOWN_GOOD, replay
     from spaces import convnet
 
     exp, _ = demo_experiment
@@ -81,7 +81,7 @@ def test_warm_start_seeds_the_sampler_with_the_earlier_finished_trials(demo_expe
 
 def test_warm_start_keeps_the_trials_that_fit_and_refuses_when_none_does(demo_experiment, capsys):
     from search.run import main
-    from search.warm_start import earlier_trials
+    from search.tuning.warm_start import earlier_trials
 
     exp, _ = demo_experiment
     earlier = read_table(exp / "trials.csv")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from search.storage import experiment_root, resolve, tune_location, tune_started
+from search.tuning.storage import experiment_root, resolve, tune_location, tune_started
 from tests.helpers import read_table, run_command
 
 

@@ -12,12 +12,15 @@ import pytest
 from tests.helpers import ROOT
 
 PACKAGES = ("search", "trainables", "spaces")
-# The commands (`python -m search.<name>`): library code never imports them; the search runs
-# the final stage when it ends, and both write the report when they end.
-COMMANDS = {"search.run", "search.final", "search.evaluate", "search.lr_find", "search.augment_preview",
-            "search.report", "search.predict", "search.export_model"}
-ALLOWED_COMMAND_IMPORTS = {("search.run", "search.final"), ("search.run", "search.report"),
-                           ("search.final", "search.report")}
+# The commands (`python -m search.<name>`) are the top-level modules of search/; the library is in
+# its sub-packages (and in trainables/ and spaces/). The README documents every one of these names.
+COMMANDS = {f"search.{p.stem}" for p in (ROOT / "search").glob("*.py") if p.stem != "__init__"}
+PUBLISHED = {"search.run", "search.final", "search.evaluate", "search.lr_find", "search.augment_preview",
+             "search.report", "search.predict", "search.export_model"}
+# What only commands outside a trial use: no module a trial imports may import these, so a trial worker
+# never loads OpenCV, ONNX, captum or matplotlib.
+SERVING_AND_FIGURES = ("search.serving", "search.figures")
+HEAVY_LIBRARIES = ("cv2", "onnx", "onnxruntime", "captum", "matplotlib")
 
 
 def _modules() -> dict[str, Path]:
@@ -88,7 +91,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_import_graph_has_no_cycle():
     graph = _graph()
     assert {"search.run", "trainables.runner", "trainables.data.kaggle_csv"} <= set(graph)  # the walk sees them
-    assert "search.final" in graph["search.run"] and "trainables.optim" in graph["trainables.lr_find"]
+    assert "search.final_stage.stage" in graph["search.run"] and "trainables.optim" in graph["trainables.lr_range"]
     cycle = _cycle(graph)
     assert cycle is None, " -> ".join(cycle)
 
@@ -99,10 +102,55 @@ def test_cycle_check_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_commands_are_imported_only_by_the_search(tmp_path):
-    offending = sorted((src, dst) for src, deps in _graph().items() for dst in deps
-                       if dst in COMMANDS and (src, dst) not in ALLOWED_COMMAND_IMPORTS)
+def test_the_commands_are_the_top_level_of_search():
+    # The published `python -m search.X` names are exactly the modules at the top of search/.
+    assert COMMANDS == PUBLISHED
+    modules = _modules()
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        blocks = [node for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
+        if name in COMMANDS:
+            # one shape: build_parser(), main(argv) -> int raising UserError, sys.exit(run_cli(main))
+            defined = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+            assert {"build_parser", "main"} <= defined, name
+            assert [ast.unparse(b.body[0]) for b in blocks] == ["sys.exit(run_cli(main))"], name
+        else:
+            assert not blocks, f"{name} is library code with a __main__ block: make it a command in search/"
+
+
+def test_no_module_imports_a_command():
+    # Library code never imports a command, and no command imports another: what two commands share
+    # (the final stage, the report) is library.
+    offending = sorted((src, dst) for src, deps in _graph().items() for dst in deps if dst in COMMANDS)
     assert not offending, offending
+
+
+def _trial_modules() -> set[str]:
+    """The project modules a trial imports: the Tune trainable and everything it imports, transitively."""
+    graph, seen, todo = _graph(), set(), ["trainables.tune_trainable"]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(graph.get(name, ()))
+    return seen
+
+
+def test_a_trial_never_imports_serving_or_figures():
+    trial = _trial_modules()
+    assert {"trainables.runner", "trainables.models", "trainables.augment"} <= trial  # the walk sees them
+    offending = sorted(m for m in trial if m.startswith(SERVING_AND_FIGURES) or not m.startswith("trainables"))
+    assert not offending, offending
+
+
+def test_a_trial_process_loads_no_opencv_onnx_captum_or_matplotlib():
+    # Importing what a trial imports (the trainable, and one trial's run built and stepped) pulls in none
+    # of the serving or figure libraries: they cost a worker seconds and memory it never uses.
+    code = ("import sys; import trainables.tune_trainable; from trainables.runner import build_run; "
+            f"print(sorted(m for m in {HEAVY_LIBRARIES!r} if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]", r.stdout
 
 
 def test_only_the_trainable_and_the_driver_import_ray():

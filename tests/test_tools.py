@@ -72,8 +72,8 @@ def test_cluster_yaml_is_a_valid_ray_cluster_config():
 
 @pytest.mark.parametrize("arch", ["convnet", "resnet18", "densenet121"])
 def test_kernels_and_activation_maps(tmp_path, arch, one_thread):
+    from search.figures.plots import emotion_activations, plot_activations, plot_kernels
     from trainables.models import build_model
-    from trainables.report import emotion_activations, plot_activations, plot_kernels
 
     demo = make_demo(n_train=70, n_val=70)
     model = build_model(arch, stem="stride").eval()

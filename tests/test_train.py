@@ -8,7 +8,7 @@ from trainables.augment import build_augment
 from trainables.data import make_demo
 from trainables.device import to_device
 from trainables.errors import UserError
-from trainables.lr_find import lr_range_test, suggest_lr
+from trainables.lr_range import lr_range_test, suggest_lr
 from trainables.models import build_model
 from trainables.optim import OPTIMIZERS, SCHEDULES, Schedule, build_optimizer
 from trainables.runner import build_run, load_run_state, run_epoch, run_state

@@ -1,6 +1,6 @@
 """Fault injection for the tests: make a matching trial fail, diverge or hang, through the real CLI.
 
-Read from the environment (`search.cluster` forwards these variables to Ray's workers), so
+Read from the environment (`search.tuning.cluster` forwards these variables to Ray's workers), so
 the failure paths are exercised end to end rather than mocked. Unset, nothing happens.
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ from trainables.data import FERData, class_counts
 from trainables.device import DeviceSplit, fast_training, pick_device, to_device
 from trainables.errors import UserError
 from trainables.inference import evaluate
-from trainables.lr_find import lr_range_test
+from trainables.lr_range import lr_range_test
 from trainables.models import build_model, set_backbone_frozen
 from trainables.optim import Schedule, build_optimizer
 from trainables.train import train_one_epoch

@@ -14,9 +14,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from search.candidates import Candidate
-from search.cluster import start_ray, trial_resources
-from search.settings import Settings
+from search.final_stage.candidates import Candidate
+from search.tuning.cluster import start_ray, trial_resources
+from search.tuning.settings import Settings
 from trainables.calibration import fit_temperature
 from trainables.config import TrialConfig
 from trainables.data import SEARCH_SPLITS, SPLITS, FERData, load_fer2013

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from search.retrain import FinalRun
+from search.final_stage.retrain import FinalRun
 from trainables.calibration import CALIBRATION_COLUMNS, calibrate
 from trainables.data import FERData, Split, duplicate_mask
 from trainables.inference import predict

@@ -8,9 +8,9 @@ from pathlib import Path
 from ray.tune import Callback, Stopper
 from ray.tune.search.optuna import OptunaSearch
 
-from search.budget import Measured, active
-from search.export import TrialRecord, records_of, trials_table
-from search.study import TRIAL_ATTR, MirroredStorage, resumed_url
+from search.tuning.budget import Measured, active
+from search.tuning.records import TrialRecord, records_of, trials_table
+from search.tuning.study import TRIAL_ATTR, MirroredStorage, resumed_url
 from trainables.files import write_csv
 from trainables.metrics import METRIC
 
@@ -49,7 +49,7 @@ class BudgetStopper(Stopper):
 
     Installed in every search (a search started without a budget may be resumed with one);
     it remembers each trial's last measured speed and asks the running command's budget
-    (`search.budget.active`), which is None without --time-budget.
+    (`search.tuning.budget.active`), which is None without --time-budget.
     """
 
     def __init__(self) -> None:
@@ -66,8 +66,8 @@ class BudgetStopper(Stopper):
 
 
 class TrackedOptunaSearch(OptunaSearch):
-    """Ray's OptunaSearch, with each Optuna trial labelled by its Tune trial id (`search.study.TRIAL_ATTR`),
-    and `optuna.db` rewritten from the snapshot it is restored from (`search.study.MirroredStorage`).
+    """Ray's OptunaSearch, with each Optuna trial labelled by its Tune trial id (`search.tuning.study.TRIAL_ATTR`),
+    and `optuna.db` rewritten from the snapshot it is restored from (`search.tuning.study.MirroredStorage`).
 
     So a trial in `optuna.db` (the dashboard, the report) can be matched to its row of
     trials.csv and its Tune folder; Ray's own class keeps that mapping only in memory.

@@ -1,7 +1,7 @@
 """Pictures of the search: the anytime curve, every trial's learning curve, and what the hyperparameters did.
 
 Built from the experiment folder alone: Tune's per-trial `result.json` (one row per epoch),
-`trials.csv` (each trial's outcome) and the Optuna study in `optuna.db` (`search.study`).
+`trials.csv` (each trial's outcome) and the Optuna study in `optuna.db` (`search.tuning.study`).
 An experiment from before `optuna.db` existed gets a study rebuilt from `trials.csv`, each
 config replayed through its space as `--warm-start` does.
 
@@ -10,7 +10,7 @@ The importance, slice and parallel-coordinates plots are Optuna's own
 (`FanovaImportanceEvaluator`: a random forest fitted to the trials, and the share of the
 objective's variance each hyperparameter explains). Optuna draws them through pyplot, so
 each figure is closed once saved; the curves are plain matplotlib `Figure`s, as in
-`trainables.report`. Every function returns a one-line caption, or raises `NoData` saying
+`search.figures.plots`. Every function returns a one-line caption, or raises `NoData` saying
 why the figure cannot be drawn yet.
 """
 from __future__ import annotations
@@ -25,11 +25,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from search.export import read_results
-from search.settings import Settings
-from search.storage import TUNE_DIR, resolve, tune_location
-from search.study import TRIAL_ATTR, load_study
-from trainables.files import atomic_path
+from search.figures.plots import save_figure
+from search.tuning.records import read_results
+from search.tuning.settings import Settings
+from search.tuning.storage import TUNE_DIR, resolve, tune_location
+from search.tuning.study import TRIAL_ATTR, load_study
 from trainables.metrics import METRIC
 
 IMPORTANCE_SEED = 0      # fANOVA's forest is random: a fixed seed gives the same bars on every run
@@ -40,11 +40,6 @@ HISTORY_KEYS = ("training_iteration", "epoch", "val_acc", METRIC, "diverged", "t
 
 class NoData(Exception):
     """A figure the experiment has no data for yet; the message says why."""
-
-
-def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
 # --------------------------------------------------------------------------- reading the experiment
@@ -81,7 +76,7 @@ def study_of(experiment_dir: Path, s: Settings, trials: pd.DataFrame, history: p
         return study
     import optuna
 
-    from search.warm_start import replay
+    from search.tuning.warm_start import replay
     from spaces import get_space
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -138,7 +133,7 @@ def plot_anytime(history: pd.DataFrame, path: Path) -> str:
         ax.grid(alpha=0.3)
     left.legend(loc="lower right", fontsize=8)
     fig.suptitle("anytime performance of the search", fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
     return (f"Best PublicTest accuracy found so far: {best[-1]:.1%} after {len(h)} trial epochs and "
             f"{minutes[-1]:.1f} minutes; grey dots are single epochs of any trial.")
 
@@ -167,7 +162,7 @@ def plot_learning_curves(history: pd.DataFrame, trials: pd.DataFrame, path: Path
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("PublicTest accuracy")
     fig.suptitle("learning curves of every trial", fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
     return (f"PublicTest accuracy per epoch: {len(groups['COMPLETED'])} trials ran to the last epoch, "
             f"{len(groups['STOPPED'])} were stopped early by ASHA at a rung"
             + (f", {len(groups['other'])} failed, diverged or did not finish." if groups["other"] else "."))
@@ -229,7 +224,7 @@ def _optuna_figure(draw, path: Path, size: tuple[float, float] | None = None) ->
         if size:
             fig.set_size_inches(*size)
         try:
-            _save(fig, path)
+            save_figure(fig, path)
         finally:
             plt.close(fig)
 

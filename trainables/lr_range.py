@@ -8,9 +8,9 @@ device) through a `DataLoader` over indices, and report its suggestion rule:
 the learning rate where the smoothed loss falls fastest ("steepest gradient"), but
 searched only before the loss's minimum: with batch norm the loss often falls again
 after blowing up, and the plain rule then picks a rate past the blow-up (1.1 for
-SGD on FER2013, where the minimum is at 0.04). torch-lr-finder and matplotlib are imported
-where they are used, so that a trial (or benchmarks/gpu_check.py on a bare GPU machine) that
-never runs the test does not need them.
+SGD on FER2013, where the minimum is at 0.04). torch-lr-finder is imported
+where it is used, so that a trial (or benchmarks/gpu_check.py on a bare GPU machine) that
+never runs the test does not need it.
 """
 from __future__ import annotations
 
@@ -96,21 +96,3 @@ def suggest_lr(lrs: list[float], losses: list[float]) -> float:
         return float(lrs[hi - 1]) / 10
     grads = np.gradient(loss[lo:hi])
     return float(lrs[lo + int(np.argmin(grads))])
-
-
-def plot_curve(result: dict, path: str) -> None:
-    """Write the loss-vs-LR curve, with the suggestion marked, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(result["lrs"], result["losses"])
-    ax.axvline(result["suggested_lr"], color="red", linestyle="--",
-               label=f"suggested {result['suggested_lr']:.2e}")
-    ax.set(xscale="log", xlabel="learning rate", ylabel="smoothed training loss", title="LR range test")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

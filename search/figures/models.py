@@ -17,16 +17,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from search.retrain import run_name
-from search.search_plots import NoData
-from search.settings import Settings
+from search.figures.explain import channel_responses, explained_layer, grad_cam, penultimate_features
+from search.figures.plots import plot_embedding, plot_gradcam_grid, plot_mean_gradcam, plot_mistakes
+from search.figures.trials import NoData
+from search.final_stage.retrain import run_name
+from search.tuning.settings import Settings
 from trainables.data import Split, load_fer2013
 from trainables.device import pick_device
 from trainables.errors import UserError
-from trainables.explain import channel_responses, explained_layer, grad_cam, penultimate_features
 from trainables.inference import predict
 from trainables.metrics import ensemble_probs
-from trainables.report import plot_embedding, plot_gradcam_grid, plot_mean_gradcam, plot_mistakes
 from trainables.weights import load_weights
 
 EXAMPLES = 3          # correct and wrong faces shown per emotion

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     import torch
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> None:
+def save_figure(fig: Figure, path: str | os.PathLike) -> None:
+    """Write `fig` as a PNG at `path` atomically (a reader never sees half a file): every figure goes through here."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
@@ -47,7 +48,7 @@ def plot_confusion(confusions: Mapping[str, np.ndarray], class_names: Sequence[s
         ax.set_title(f"{label}: accuracy {acc:.1%}", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 _GAP, _BAND = 4, 9  # pixels between tiles, and above each tile for its caption (two lines at 7 pt)
@@ -82,7 +83,7 @@ def _plot_tiles(tiles: np.ndarray, captions: Sequence[str], path: str | os.PathL
     if not n:
         ax.text(0.5, 0.5, "nothing to show", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(title, fontsize=9, y=1 - 0.1 / fig.get_figheight(), va="top")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _gray(images: np.ndarray) -> np.ndarray:
@@ -116,7 +117,7 @@ def plot_kernels(model: "torch.nn.Module", path: str | os.PathLike, *, title: st
             lim = float(np.abs(w[k]).max()) or 1.0
             ax.imshow(w[k], cmap="RdBu_r", vmin=-lim, vmax=lim)
     fig.suptitle(title or f"first-layer kernels ({conv.kernel_size[0]}x{conv.kernel_size[1]})", fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def emotion_activations(model: "torch.nn.Module", x_uint8: "torch.Tensor", y: "torch.Tensor", num_classes: int,
@@ -127,8 +128,8 @@ def emotion_activations(model: "torch.nn.Module", x_uint8: "torch.Tensor", y: "t
     import torch
     import torch.nn.functional as F
 
+    from search.figures.explain import explained_layer
     from trainables.augment import normalize, to_input
-    from trainables.explain import explained_layer
 
     model.eval()
     device = next(model.parameters()).device
@@ -173,7 +174,7 @@ def plot_activations(faces: np.ndarray, maps: np.ndarray, class_names: Sequence[
         for ax in axes[:, c]:
             ax.axis("off")
     fig.suptitle(title or "mean face, and activation relative to the average emotion", fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- where it looks, how it arranges faces
@@ -208,7 +209,7 @@ def plot_mean_gradcam(faces: np.ndarray, maps: np.ndarray, counts: Sequence[int]
             ax.imshow(maps[c], cmap="jet", alpha=0.45, vmin=0.0, vmax=float(maps[c].max()) or 1.0)
         ax.set_title(f"{class_names[c]} ({counts[c]})", fontsize=8)
     fig.suptitle(title, fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_embedding(xy: np.ndarray, y: np.ndarray, class_names: Sequence[str], pairs: Sequence[tuple[int, int]],
@@ -240,7 +241,7 @@ def plot_embedding(xy: np.ndarray, y: np.ndarray, class_names: Sequence[str], pa
     ax.set_yticks([])
     ax.legend(fontsize=7, markerscale=3, loc="best")
     ax.set_title(title, fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 RELIABLE_BIN = 10
@@ -272,4 +273,17 @@ def plot_reliability(curves: Mapping[str, Mapping[str, np.ndarray]], path: str |
     bottom.set_ylabel("images")
     if title:
         top.set_title(title, fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
+
+
+def plot_lr_curve(result: dict, path: str | os.PathLike) -> None:
+    """The LR range test's loss-vs-LR curve (`trainables.lr_range.lr_range_test`), the suggestion marked."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    ax.plot(result["lrs"], result["losses"])
+    ax.axvline(result["suggested_lr"], color="red", linestyle="--",
+               label=f"suggested {result['suggested_lr']:.2e}")
+    ax.set(xscale="log", xlabel="learning rate", ylabel="smoothed training loss", title="LR range test")
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -10,7 +10,7 @@ import os
 import socket
 from pathlib import Path
 
-from search.settings import Settings
+from search.tuning.settings import Settings
 from trainables.errors import UserError
 from trainables.faults import INJECT_ENV
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from trainables.deploy import CROP_MARGIN, SIZE
+from search.serving.deploy import CROP_MARGIN, SIZE
 from trainables.errors import UserError
 
 Box = tuple[int, int, int, int]  # x, y, width, height in pixels of the full picture

@@ -176,7 +176,7 @@ def settle_finished(experiment_dir: Path, records: Iterable) -> int:
 
     from optuna.trial import TrialState
 
-    from search.export import UNFINISHED
+    from search.tuning.records import UNFINISHED
 
     study = load_study(experiment_dir)
     if study is None:

@@ -1,4 +1,5 @@
-"""The final stage's pictures and notes: error analysis, kernels and activations, its README, the printed table."""
+"""What the final stage leaves besides its tables and pictures: the ONNX exports of the best single model and
+ensemble, final/README.md, and the table printed at the end."""
 from __future__ import annotations
 
 import shutil
@@ -7,54 +8,11 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from search.retrain import FinalRun, seeds_of
-from search.scoring import ANALYSIS_TTA, confusion_table, ensemble_members
-from search.settings import Settings
-from trainables.calibration import reliability
-from trainables.data import FERData
-from trainables.deploy import classifier_from_weights, export_onnx
-from trainables.device import pick_device
-from trainables.files import write_csv, write_text
-from trainables.metrics import confused_pairs, misclassified
-from trainables.report import (
-    emotion_activations,
-    plot_activations,
-    plot_confusion,
-    plot_kernels,
-    plot_mistakes,
-    plot_reliability,
-)
-from trainables.weights import load_weights
-
-MISTAKES_SHOWN = 36
-
-
-def write_error_analysis(out: Path, model: str, full: dict, data: FERData, ttas: Sequence[str]) -> None:
-    """Confusion matrix (CSV + PNG), confused pairs, misclassified images (CSV + PNG grid) of one model."""
-    classes = data.classes
-    write_csv(confusion_table(model, full, classes, ttas), out / "confusion_matrix.csv")
-    plot_confusion({f"tta={t}": full[model, t]["confusion"] for t in ttas}, classes, out / "confusion_matrix.png",
-                   title=f"{data.test_name} confusion of {model}")
-    m = full[model, ANALYSIS_TTA]
-    pairs = confused_pairs(m["confusion"], classes)
-    pairs.insert(0, "tta", ANALYSIS_TTA)
-    pairs.insert(0, "model", model)
-    write_csv(pairs, out / "confused_pairs.csv")
-    wrong = misclassified(m["probs"], data.test.y.numpy(), data.test.rows.numpy(), classes)
-    shown = wrong.head(MISTAKES_SHOWN)
-    captions = [f"row {r.row}\n{r.true} -> {r.predicted} {r.confidence:.0%}" for r in shown.itertuples()]
-    plot_mistakes(data.test.x.numpy()[shown.index.to_numpy()], captions, out / "misclassified.png",
-                  title=f"most confident {data.test_name} mistakes of {model} (tta={ANALYSIS_TTA})")
-    wrong.insert(0, "tta", ANALYSIS_TTA)
-    wrong.insert(0, "model", model)
-    write_csv(wrong, out / "misclassified.csv")
-    y = data.test.y.numpy()
-    plot_reliability({f"{label} (ECE {m[f'ece{suffix}']:.1%})": reliability(probs, y)
-                      for label, suffix, probs in (("before", "", m["probs"]),
-                                                   (f"T = {m['temperature']:.2f}", "_calibrated",
-                                                    m["probs_calibrated"]))},
-                     out / "reliability.png",
-                     title=f"{data.test_name} reliability of {model} (tta={ANALYSIS_TTA}; T fitted on PublicTest)")
+from search.final_stage.retrain import FinalRun, seeds_of
+from search.final_stage.scoring import ANALYSIS_TTA, ensemble_members
+from search.serving.deploy import classifier_from_weights, export_onnx
+from search.tuning.settings import Settings
+from trainables.files import write_text
 
 
 def write_exports(out: Path, runs: Sequence[FinalRun], full: dict) -> dict[str, Path]:
@@ -80,21 +38,6 @@ def write_exports(out: Path, runs: Sequence[FinalRun], full: dict) -> dict[str, 
         meta.update(extra, val_acc_publictest=full[extra["model"], ANALYSIS_TTA]["val_acc"])
         written[label] = export_onnx(classifier, meta, out / "export" / f"{label}.onnx")
     return written
-
-
-def write_visualisations(out: Path, runs: Sequence[FinalRun], data: FERData) -> str:
-    """kernels.png and activations.png of the best single run by PublicTest; returns its name.
-
-    The activation maps are computed on PublicTest: a picture is not a choice, but there is
-    no reason to read PrivateTest for it either.
-    """
-    best = max(runs, key=lambda r: r.val_acc)
-    model, _ = load_weights(best.weights, device=pick_device())
-    plot_kernels(model, out / "kernels.png", title=f"first-layer kernels of {best.name}")
-    faces, maps = emotion_activations(model, data.val.x, data.val.y, data.num_classes)
-    plot_activations(faces, maps, data.classes, out / "activations.png",
-                     title=f"PublicTest mean face and activation relative to the average emotion, {best.name}")
-    return best.name
 
 
 def write_readme(out: Path, s: Settings, model: str, epochs: int, ttas: Sequence[str], *,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from search.cli import Parser
+from search.tuning.cli import Parser
 from spaces import SPACES
 from trainables.data import LABEL_SETS
 from trainables.errors import UserError
@@ -65,9 +65,11 @@ class Settings:
     cpus_per_trial: int = _flag(1, "CPU cores per trial (and per final run)")
     gpus_per_trial: float = _flag(-1.0, "GPUs per trial (and per final run); fractions share a GPU",
                                   default_text="0.5 where the cluster has GPUs, else 0")
-    time_budget: float = _flag(0.0, "seconds for the whole run: start-up, search and final stage together; the "
-                                    "search stops in time to leave the final stage its share, and the final "
-                                    "stage sizes its configurations, seeds and epochs to the time left",
+    time_budget: float = _flag(0.0, "seconds for the whole command, start-up included (search.run: search and "
+                                    "final stage together, the search stopping in time to leave the final stage "
+                                    "its share; search.final: this stage alone); the final stage sizes its "
+                                    "configurations, seeds and epochs to the time left, from the per-epoch times "
+                                    "the search measured",
                                default_text="no limit")
     final_share: float = _flag(0.4, "with --time-budget: the most of the budget the final stage may take (it "
                                     "takes less when its runs need less)")
@@ -91,7 +93,7 @@ class Settings:
                                "later)", action="store_false", flag="--no-report")
     final_top_k: int = _flag(3, "retrain the best K configurations")
     final_epochs: int = _flag(0, "epochs per final run", default_text="--max-epochs")
-    final_seeds: int = _flag(3, "seeds per configuration (--seed, --seed+1, ...)")
+    final_seeds: int = _flag(3, "seeds per configuration (--seed+1, --seed+2, ...: never the search's own)")
     beta: float = _flag(1.0, "beta of the F-beta score")
     final_tta: tuple[str, ...] = _flag(("none", "flip"), "test-time augmentations, each reported separately; "
                                        "'none' is always included (tencrop costs 10 forward passes per image)",
@@ -158,8 +160,8 @@ def add_flags(parser: argparse.ArgumentParser, names: Sequence[str], *, from_exp
         parser.add_argument(flag, dest=name, default=default, help=meta["help"] + shown, **kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `python -m search.run` command line: one flag per `Settings` field."""
+def settings_parser() -> argparse.ArgumentParser:
+    """The `python -m search.run` command line (its `build_parser`): one flag per `Settings` field."""
     p = Parser(prog="python -m search.run",
                description="Search hyperparameters for FER2013 classifiers with Ray Tune (ASHA + Optuna), "
                            "then retrain and evaluate the best configurations.")
@@ -195,7 +197,7 @@ def check_settings(s: Settings) -> None:
 
 def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     """Parse and check the command line into `Settings`."""
-    values = vars(build_parser().parse_args(argv))
+    values = vars(settings_parser().parse_args(argv))
     values["final_tta"] = tuple(values["final_tta"])
     values["name"] = values["name"] or f"{values['space']}-{time.strftime('%Y%m%d-%H%M%S')}"
     values["final_epochs"] = values["final_epochs"] or values["max_epochs"]

@@ -9,16 +9,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from search.storage import read_text, resolve, tune_location, tune_started
+from search.tuning.storage import read_text, resolve, tune_location, tune_started
+from trainables.errors import last_line
 from trainables.files import write_csv
 from trainables.metrics import METRIC
 
 # Ray's statuses of trials an interrupted search left unfinished (--resume continues them). The
 # finished ones become COMPLETED, STOPPED, DIVERGED or ERROR; the README explains each.
 UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
-_LEADING = ["trial_id", "status", "objective", "val_acc", "epochs", "seconds", "node_id", "val_loss", "train_loss",
-            "train_acc", "images_per_s", "epoch_seconds", "found_lr", "range_test_images", "range_test_seconds",
-            "range_test_note", "error"]
+
+
+def _reported(default):
+    """A `TrialRecord` field read from the trial's last result under the field's own name."""
+    return field(default=default, metadata={"reported": True})
 
 
 def _filesystem(trial):
@@ -57,34 +60,41 @@ def _error_text(trial) -> str:
     local = Path(getattr(trial, "error_file", "") or "")
     if not text and local.is_file():
         text = local.read_text()
-    text = text or ""
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    # The exception line is the last one of Ray's traceback; keep the CSV cell short and single-line.
-    return lines[-1][:500] if lines else "failed"
+    return last_line(text or "")  # the exception line of Ray's traceback, short and single-line
 
 
 @dataclass(frozen=True)
 class TrialRecord:
-    """One trial as the search left it: its outcome, its last reported figures, and Tune's own config dict."""
+    """One trial as the search left it: its outcome, its last reported figures, and Tune's own config dict.
+
+    The fields, in order, are trials.csv's leading columns (then one `config/<key>` column per
+    hyperparameter). A field marked `reported` is read under its own name from the trial's last
+    result (what `trainables.tune_trainable` reports), NaN or "" where the trial never reported it.
+    """
 
     trial_id: str
     status: str
     objective: float        # the search objective it last reported (what Optuna was told)
     val_acc: float          # the best PublicTest accuracy of its finite epochs
     epochs: int
-    seconds: float
-    node_id: str
-    val_loss: float
-    train_loss: float
-    train_acc: float
-    images_per_s: float
-    found_lr: float
-    error: str
-    range_test_images: float = math.nan    # images the LR range test trained on (0: skipped)
-    range_test_seconds: float = math.nan
-    range_test_note: str = ""              # why it was skipped, if it was
-    epoch_seconds: float = math.nan        # wall seconds of its last epoch (Tune's time_this_iter_s)
+    seconds: float = _reported(math.nan)
+    node_id: str = _reported("")
+    val_loss: float = _reported(math.nan)
+    train_loss: float = _reported(math.nan)
+    train_acc: float = _reported(math.nan)
+    images_per_s: float = _reported(math.nan)
+    epoch_seconds: float = math.nan         # wall seconds of its last epoch (Tune's time_this_iter_s)
+    found_lr: float = _reported(math.nan)            # the rate its LR range test found (lr_mode=range_test)
+    range_test_images: float = _reported(math.nan)   # images the LR range test trained on (0: skipped)
+    range_test_seconds: float = _reported(math.nan)
+    range_test_note: str = _reported("")             # why it was skipped, if it was
+    error: str = ""
     config: dict = field(default_factory=dict)
+
+
+# trials.csv's leading columns, and the fields read from a trial's last result under their own names.
+COLUMNS = [f.name for f in dataclasses.fields(TrialRecord) if f.name != "config"]
+REPORTED = {f.name: f.default for f in dataclasses.fields(TrialRecord) if f.metadata.get("reported")}
 
 
 def load_trials(experiment_dir: Path, max_epochs: int, storage: str = "") -> list[TrialRecord]:
@@ -117,15 +127,10 @@ def records_of(trials, max_epochs: int, *, ray_status: dict[str, str] | None = N
         best = max((r.get("val_acc", math.nan) for r in finite), default=math.nan)
         records.append(TrialRecord(
             trial_id=trial.trial_id, status=_status(status, last, epochs, max_epochs),
-            objective=last.get(METRIC, math.nan), val_acc=best, epochs=epochs, seconds=last.get("seconds", math.nan),
-            node_id=last.get("node_id", ""), val_loss=last.get("val_loss", math.nan),
-            train_loss=last.get("train_loss", math.nan), train_acc=last.get("train_acc", math.nan),
-            images_per_s=last.get("images_per_s", math.nan), found_lr=last.get("found_lr", math.nan),
-            error=_error_text(trial) if status == "ERROR" else last.get("error", ""),
-            range_test_images=last.get("range_test_images", math.nan),
-            range_test_seconds=last.get("range_test_seconds", math.nan),
-            range_test_note=last.get("range_test_note", ""),
+            objective=last.get(METRIC, math.nan), val_acc=best, epochs=epochs,
+            **{name: last.get(name, default) for name, default in REPORTED.items()},
             epoch_seconds=last.get("time_this_iter_s", math.nan),
+            error=_error_text(trial) if status == "ERROR" else last.get("error", ""),
             config=dict(trial.config)))
     return sorted(records, key=lambda r: -r.objective if math.isfinite(r.objective) else math.inf)
 
@@ -134,13 +139,13 @@ def trials_table(records: list[TrialRecord]) -> pd.DataFrame:
     """trials.csv: the leading columns, then one `config/<key>` column per hyperparameter any trial set."""
     rows = []
     for r in records:
-        row = {k: getattr(r, k) for k in _LEADING}
+        row = {k: getattr(r, k) for k in COLUMNS}
         row.update({f"config/{k}": v for k, v in sorted(r.config.items())})
         rows.append(row)
-    return pd.DataFrame(rows, columns=_LEADING + sorted({k for r in rows for k in r} - set(_LEADING)))
+    return pd.DataFrame(rows, columns=COLUMNS + sorted({k for r in rows for k in r} - set(COLUMNS)))
 
 
-def export_trials(experiment_dir: Path, max_epochs: int, *, failed: dict[str, str] | None = None,
+def write_trials_csv(experiment_dir: Path, max_epochs: int, *, failed: dict[str, str] | None = None,
                   storage: str = "") -> list[TrialRecord]:
     """Write `<experiment_dir>/trials.csv` atomically and return the trials it holds.
 

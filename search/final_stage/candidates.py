@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from search.export import TrialRecord
+from search.tuning.records import TrialRecord
 from trainables.config import TrialConfig
 
 # Statuses whose val_acc does not describe a working configuration.

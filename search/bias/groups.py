@@ -337,7 +337,7 @@ def format_groups(table: pd.DataFrame) -> str:
 def plot_groups(table: pd.DataFrame, path: str | os.PathLike, *, title: str = "") -> None:
     """One panel per attribute: accuracy and macro recall per group with their intervals, the gap in the title.
 
-    Built on `Figure` directly (no pyplot), as `trainables.report` does, and written atomically.
+    Built on `Figure` directly (no pyplot), as `search.figures.plots` does, and written atomically.
     A group left out of the gap (too few images) is drawn hollow and starred in its tick label.
     """
     # Imported here, not at the top: `search.evaluate` without --groups never draws.

@@ -4,23 +4,33 @@ The clock starts when the command starts, so Ray's start-up and the data loading
 While the search runs, `final_reserve` says how much of the budget the final stage needs,
 from the per-epoch times the trials measured (scaled from the search's --train-fraction to
 the full Training split) and capped at --final-share of the budget; the search stops when
-only that much is left (see `search.tune_callbacks.BudgetStopper`). The final stage then
-sizes its configurations, seeds and epochs to the time really left (`plan_final`), and every
-run stops after the last epoch that still fits (`retrain`'s deadline), so the command ends
-within the budget whatever the machine. `TimeSplit` records how the time was spent.
+only that much is left (`search_budget`, asked by the Tune stopper
+`search.tuning.callbacks.BudgetStopper`). The final stage then sizes its configurations, seeds
+and epochs to the time really left (`fit_final_to_budget`, `plan_final`), and every run stops
+after the last epoch that still fits (the deadline it returns, which
+`search.final_stage.retrain` enforces), so the command ends within the budget whatever the
+machine. `TimeSplit` records how the time was spent. Everything about the budget is here.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from search.export import TrialRecord
+from search.tuning.cluster import trial_resources
+from search.tuning.records import TrialRecord
+from search.tuning.settings import Settings
+from trainables.errors import UserError
 from trainables.files import write_text
+
+if TYPE_CHECKING:
+    from search.final_stage.candidates import Candidate
+    from trainables.data import FERData
 
 # Scoring every final run on PrivateTest and PublicTest, the error analysis and the figures:
 # a fixed part (the figures, the tables, the ensembles) plus one forward pass per run, image
@@ -34,7 +44,7 @@ EVAL_FIXED_SECONDS = 8.0
 # runs (3,589 PublicTest images, of which 8 s t-SNE of 2,000), which the per-image part covers.
 REPORT_FIXED_SECONDS = 6.0
 REPORT_PASSES = 4
-# final/export/: the best run and the best ensemble written as ONNX (search.analysis.write_exports).
+# final/export/: the best run and the best ensemble written as ONNX (search.final_stage.outputs.write_exports).
 # Measured on 2 CPU cores for demo ConvNets: 2.4 s for the first export (the exporter's imports),
 # 1.2 s for a 2-member ensemble after it; a ResNet-18 member 3 s, a DenseNet-121 15 s (not reserved:
 # the ConvNet figures are).
@@ -46,6 +56,12 @@ EPOCH_SLACK = 0.15        # plan_final gives up at most this share of epochs for
 # From the search's stop to the final stage's plan: Tune stops the running trials, trials.csv is
 # written and the three splits are loaded (measured: 4-6 s on 2 busy CPU cores).
 STOP_SECONDS = 8.0
+
+
+def command_started(argv: Sequence[str] | None) -> float:
+    """When --time-budget starts counting for a command's `main(argv)`: the process's start when `argv` is None
+    (the command line is this process's own, `python -m search.X`, imports included), else now (called from code)."""
+    return process_started() if argv is None else time.time()
 
 
 def process_started() -> float:
@@ -259,3 +275,46 @@ def set_active(budget: SearchBudget | None) -> None:
 
 def active() -> SearchBudget | None:
     return _ACTIVE[0]
+
+
+def fit_final_to_budget(s: Settings, trials: Sequence[TrialRecord], candidates: Sequence["Candidate"], clock: Clock,
+                        data: "FERData",
+                        ttas: Sequence[str], split: TimeSplit | None) -> tuple[Settings, float]:
+    """The final stage's top-k, seeds and epochs cut to the time left, and the deadline of its runs.
+
+    Sized from the per-epoch times the search measured for `candidates`, best first (see `search.tuning.budget`);
+    a UserError when not one epoch of the best configuration fits.
+    """
+    import ray
+
+    # Ray is running under search.run; search.final alone starts it only to retrain, so it counts
+    # this machine's CPUs (a cluster's are known only once joined: one slot, the safe guess).
+    cluster = (ray.cluster_resources() if ray.is_initialized()
+               else {"CPU": 1 if s.address else (os.cpu_count() or 1)})
+    _, slots = trial_resources(dataclasses.replace(s, num_samples=s.final_top_k * s.final_seeds), cluster)
+    by_id = {t.trial_id: t for t in trials}
+    n_search = round(len(data.train) * s.train_fraction)
+    times = [full_epoch_seconds(Measured.of(by_id[c.trial_id]), n_search, len(data.train)) for c in candidates]
+    left = clock.left()
+    plan = plan_final(times, slots=slots, top_k=s.final_top_k, seeds=s.final_seeds, epochs=s.final_epochs,
+                      seconds=left, n_full=len(data.train), n_test=len(data.test), ttas=len(ttas))
+    if plan is None:
+        raise UserError(f"the time budget leaves {left:.0f} s for the final stage, not enough for one epoch of the "
+                        f"best configuration (about {times[0]:.0f} s on the full Training split); the search's "
+                        f"results are kept: run python -m search.final {s.experiment_dir} to finish without a budget")
+    print(f"final stage within the time budget: {left:.0f} s left, so {plan.top_k} configurations x {plan.seeds} "
+          f"seeds x {plan.epochs} epochs ({slots} at once; estimated {plan.seconds:.0f} s; "
+          f"wanted {s.final_top_k} x {s.final_seeds} x {s.final_epochs})", flush=True)
+    if split:
+        split.final_reserved, split.plan = left, {"top_k": plan.top_k, "seeds": plan.seeds, "epochs": plan.epochs,
+                                                  "estimated_seconds": round(plan.seconds, 1)}
+    s = dataclasses.replace(s, final_top_k=plan.top_k, final_seeds=plan.seeds, final_epochs=plan.epochs)
+    return s, clock.deadline - plan.eval_seconds
+
+
+def search_budget(s: Settings, clock: Clock, data: "FERData", concurrent: int) -> SearchBudget:
+    """What the search must leave for the final stage under --time-budget (all of it without a final stage)."""
+    return SearchBudget(clock=clock, share=s.final_share if s.final else 0.0, slots=concurrent,
+                        top_k=s.final_top_k, seeds=s.final_seeds, epochs=s.final_epochs,
+                        n_search=len(data.train), n_full=round(len(data.train) / s.train_fraction),
+                        n_test=len(data.val), ttas=len(set(s.final_tta) | {"none"}))

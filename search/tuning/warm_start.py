@@ -6,7 +6,7 @@ sampling its first trials at random. Each earlier config is replayed through the
 (`optuna.trial.FixedTrial`), which gives the new space's distributions; a trial whose
 parameters the new space lacks or does not contain is left out, and the command says how many
 fit. Ray's `OptunaSearch` cannot take `evaluated_rewards` with a define-by-run space, so the
-study is built here in the experiment's Optuna storage (`optuna.db`, see `search.study`) that
+study is built here in the experiment's Optuna storage (`optuna.db`, see `search.tuning.study`) that
 `OptunaSearch` then loads (`storage`, `study_name`).
 
 The known-good configurations of each space are enqueued (`enqueue_trial`) to run first,
@@ -21,8 +21,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from search.export import TrialRecord, load_trials
-from search.study import STUDY_NAME, open_storage
+from search.tuning.records import TrialRecord, load_trials
+from search.tuning.study import STUDY_NAME, open_storage
 from trainables.errors import UserError
 
 # A published FER2013 recipe: Khaireddin & Chen, "Facial Emotion Recognition: State of the Art
@@ -84,7 +84,7 @@ def earlier_trials(experiment: Path, space: Callable, space_name: str) -> tuple[
     """The finished trials of `experiment` that fit `space`, as Optuna FrozenTrials, and a line saying so."""
     import optuna
 
-    from search.settings import read_settings
+    from search.tuning.settings import read_settings
 
     earlier = read_settings(experiment)
     records: list[TrialRecord] = [r for r in load_trials(experiment, earlier.max_epochs, earlier.storage)
@@ -141,7 +141,7 @@ def study_seed(space_name: str, *, ferplus: bool, offer_weights: bool, warm_star
 
 
 def prepared_storage(experiment_dir: Path, seed: StudySeed, direction: str = "maximize"):
-    """The experiment's Optuna storage (`optuna.db`, see `search.study`) holding the study Ray's OptunaSearch
+    """The experiment's Optuna storage (`optuna.db`, see `search.tuning.study`) holding the study Ray's OptunaSearch
     will load, with `seed`'s earlier trials added and its known-good configurations enqueued."""
     import optuna
 

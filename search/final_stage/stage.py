@@ -1,0 +1,89 @@
+"""The final stage: retrain the best configurations, evaluate them once on PrivateTest.
+
+Reads top to bottom: pick the top-k configurations of the search by PublicTest
+accuracy; load the data with all three splits (this stage and `search.evaluate`
+are the only readers of PrivateTest); retrain each configuration from scratch on
+the full Training split with several seeds, in parallel as Ray tasks that see only
+Training and PublicTest and keep their best PublicTest epoch; save the weights;
+then score every run, the per-configuration mean and spread and two ensembles on
+PrivateTest, once per test-time augmentation, and write tables and pictures under
+`results/<name>/final/`. `search.run` calls `run_final` after the search, `search.final` alone.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence
+
+from search.final_stage.analysis import write_error_analysis, write_visualisations
+from search.final_stage.candidates import select_candidates
+from search.final_stage.outputs import print_table, write_exports, write_readme
+from search.final_stage.retrain import load_final_data, retrain_all
+from search.final_stage.scoring import (
+    ANALYSIS_TTA,
+    choose_analysed,
+    metrics_table,
+    per_class_table,
+    predict_runs,
+    score_models,
+)
+from search.tuning.budget import Clock, TimeSplit, fit_final_to_budget
+from search.tuning.records import TrialRecord
+from search.tuning.settings import Settings
+from trainables.device import pick_device
+from trainables.errors import UserError
+from trainables.files import write_csv
+
+FINAL_DIR = "final"
+
+
+def clear_outputs(out: Path) -> None:
+    """Remove the weights, exports and TensorBoard runs of an earlier final stage, so no stale run is left behind."""
+    for sub in ("models", "tensorboard", "export"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+
+
+def run_final(settings: Settings, trials: Sequence[TrialRecord], *, clock: Clock | None = None,
+              split: TimeSplit | None = None) -> Path:
+    """Retrain the top configurations of `trials` and evaluate them on PrivateTest; returns the output folder.
+
+    Each TTA mode in `settings.final_tta` gets its own rows. With `clock` (--time-budget) the
+    stage is cut to the time left and every run stops after the last epoch that fits.
+    """
+    s = settings
+    out = s.experiment_dir / FINAL_DIR
+    candidates = select_candidates(trials, s.final_top_k)
+    if not candidates:
+        raise UserError(f"no trial of {s.experiment_dir} has a PublicTest accuracy (errored and diverged trials "
+                        f"do not count); finish at least one epoch of the search (--resume) first")
+    start = time.perf_counter()
+    data = load_final_data(s)  # before any training: a bad PrivateTest fails now, not after hours
+    ttas = [ANALYSIS_TTA, *dict.fromkeys(t for t in s.final_tta if t != ANALYSIS_TTA)]  # the analysis needs "none"
+    deadline = None
+    if clock:
+        s, deadline = fit_final_to_budget(s, trials, candidates, clock, data, ttas, split)
+        candidates = candidates[:s.final_top_k]
+    epochs = s.final_epochs or s.max_epochs
+    clear_outputs(out)
+    runs = retrain_all(s, data, candidates, epochs=epochs, out=out, ttas=ttas, deadline=deadline)
+    trained = time.perf_counter()
+    if not runs:
+        raise UserError("every final run diverged in its first epoch; nothing to evaluate")
+    probs = predict_runs(runs, data, ttas=ttas, device=pick_device())
+    rows, full = score_models(runs, probs, data, ttas=ttas, beta=s.beta)
+    table = metrics_table(rows, ttas)
+    write_csv(table, out / "metrics.csv")
+    write_csv(per_class_table(full), out / "per_class.csv")
+    analysed = choose_analysed(full, runs)
+    write_error_analysis(out, analysed, full, data, ttas)
+    write_visualisations(out, runs, data)
+    write_exports(out, runs, full)
+    write_readme(out, s, analysed, epochs, ttas, test_name=data.test_name)
+    print(f"\n{data.test_name} ({len(data.test)} images; {rows[0]['n_dup_training']} duplicated in Training, "
+          f"{rows[0]['n_dup_publictest']} in PublicTest), "
+          f"{len(runs)} runs, {time.perf_counter() - start:.0f} s (training {trained - start:.0f} s, "
+          f"scoring and figures {time.perf_counter() - trained:.0f} s):")
+    print_table(table)
+    print(f"\nfinal results: {out} (error analysis of {analysed})")
+    return out

@@ -20,7 +20,7 @@ from search.final_stage.stage import run_final
 from search.tuning.budget import Clock, SearchBudget, TimeSplit, command_started, search_budget, set_active
 from search.tuning.cli import Parser, run_cli
 from search.tuning.cluster import memory_limits, start_ray, tolerate_lost_workers, trial_request, trial_resources
-from search.tuning.records import UNFINISHED, TrialRecord, write_trials_csv, trials_table
+from search.tuning.records import UNFINISHED, TrialRecord, trials_table, write_trials_csv
 from search.tuning.settings import Settings, parse_settings, settings_parser
 from search.tuning.storage import TUNE_DIR, experiment_root, tune_location, tune_started
 from search.tuning.study import STUDY_NAME, resume_into, settle_finished

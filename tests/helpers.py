@@ -11,6 +11,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_FER = ROOT.parent / "shared" / "data" / "fer2013"
 N_DEMO = 6  # trials of the shared demo experiment (conftest.demo_experiment)
+TEMPERATURE = 2.0  # the temperature predictor_weights carries
 
 
 def write_fer_csv(path: Path, n_per_split=(70, 21, 21), seed: int = 0, lines: list[str] | None = None) -> Path:
@@ -51,3 +52,27 @@ def read_table(path, **kwargs):
     import pandas as pd
 
     return pd.read_csv(path, dtype={"trial_id": str}, **kwargs)
+
+
+def predictor_weights(folder: Path) -> Path:
+    """A small ConvNet's weights file carrying a temperature (TEMPERATURE), as the final stage writes it."""
+    import torch
+
+    from trainables.data.splits import EMOTIONS
+    from trainables.models import build_model
+    from trainables.weights import save_weights
+
+    torch.manual_seed(0)
+    model = build_model("convnet", num_classes=7, width=16, depth=2, dropout=0.0)
+    return save_weights(folder / "run.pt", model.state_dict(), config={"width": 16, "depth": 2, "dropout": 0.0},
+                        classes=EMOTIONS, info={"temperature": TEMPERATURE, "name": "run"})
+
+
+def well_formed(df) -> None:
+    """predictions.csv's rows: probabilities that sum to one, the emotion their argmax, `probability` their max."""
+    from trainables.data.splits import EMOTIONS
+
+    probs = df[[f"p_{c}" for c in EMOTIONS]].to_numpy()
+    assert np.allclose(probs.sum(1), 1, atol=1e-5) and (probs >= 0).all()
+    assert (df["emotion"] == [EMOTIONS[i] for i in probs.argmax(1)]).all()
+    assert np.allclose(df["probability"], probs.max(1))

@@ -9,7 +9,6 @@ PublicTest, plus 10 PrivateTest images copied from Training to count as duplicat
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 
@@ -19,12 +18,9 @@ import torch
 
 import search.evaluate
 import search.final
-from search.final_stage.candidates import select_candidates
 from search.final_stage.retrain import retrain, without_test
 from search.serving.deploy import load_classifier
-from search.tuning.records import TrialRecord
 from tests.helpers import as_command, read_table, run_command
-from trainables.config import TrialConfig
 from trainables.data import EMOTIONS, SPLITS, FERData, load_fer2013, make_demo
 from trainables.errors import UserError
 from trainables.inference import predict
@@ -274,41 +270,6 @@ def test_reloaded_weights_give_identical_predictions(tmp_path):
     for tta in ("none", "flip"):
         assert torch.equal(predict(model, x, tta=tta), predict(loaded, x, tta=tta))
     assert meta["config"]["width"] == 16 and meta["num_classes"] == 7
-
-
-def _record(trial_id: str, status: str, objective: float, config: dict, found_lr: float = math.nan) -> TrialRecord:
-    nan = math.nan
-    return TrialRecord(trial_id=trial_id, status=status, objective=objective, val_acc=objective, epochs=1,
-                       seconds=1.0, node_id="n", val_loss=nan, train_loss=nan, train_acc=nan, images_per_s=nan,
-                       found_lr=found_lr, error="", config=config)
-
-
-def test_select_candidates_skips_failures_and_types_configs_once():
-    trials = [
-        _record("a", "STOPPED", 0.5, {"width": 32.0, "lr": 0.01, "pretrained": False, "augment": "flip_crop"}),
-        _record("b", "ERROR", 0.9, {"width": 16}),
-        _record("c", "COMPLETED", 0.6, {"width": 48, "augment": "mixup", "family": "convnet"}),
-        _record("d", "DIVERGED", 0.95, {"width": 16}),
-        _record("e", "RUNNING", math.nan, {"width": 16}),
-    ]
-    chosen = select_candidates(trials, 5)
-    assert [c.trial_id for c in chosen] == ["c", "a"] and [c.name for c in chosen] == ["top1-c", "top2-a"]
-    # Keys the space left out take the defaults; Optuna's branching keys (family) are dropped.
-    assert chosen[0].config == TrialConfig(width=48, augment="mixup")
-    assert type(chosen[1].config.width) is int and chosen[1].config.width == 32  # a 32.0 from a table
-    assert chosen[1].config.lr == 0.01 and chosen[1].config.pretrained is False
-    assert [c.trial_id for c in select_candidates(trials, 1)] == ["c"]
-    assert TrialConfig.from_dict({"soft_labels": "True"}).soft_labels is True
-    with pytest.raises(UserError, match="unknown hyperparameter.*'widht'"):
-        select_candidates([_record("f", "COMPLETED", 0.7, {"widht": 32})], 1)
-
-
-def test_a_range_tested_trial_is_retrained_at_the_rate_it_found():
-    found = _record("g", "COMPLETED", 0.7, {"lr_mode": "range_test", "optimizer": "adam"}, found_lr=3e-3)
-    searched = _record("h", "COMPLETED", 0.6, {"lr_mode": "searched", "lr": 0.02})
-    chosen = {c.trial_id: c.config for c in select_candidates([found, searched], 2)}
-    assert chosen["g"].lr == 3e-3 and chosen["g"].lr_mode == "searched"  # no second range test
-    assert chosen["h"].lr == 0.02 and chosen["h"].lr_mode == "searched"
 
 
 def test_training_tasks_are_handed_no_private_test(final_dir):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from trainables.augment import build_augment
-from trainables.data import make_demo
+from trainables.data import FERData, Split, make_demo
 from trainables.device import to_device
 from trainables.errors import UserError
 from trainables.lr_range import lr_range_test, suggest_lr
@@ -287,3 +287,17 @@ def test_range_test_in_a_run_reports_its_cost_or_falls_back(demo):
     big = build_run({"lr_mode": "range_test", "batch_size": 16, "width": 8}, demo, epochs=5)
     assert big.range_test["steps"] == 21 and big.range_test["images"] == 21 * 16  # 10% of 700 x 5 = 350
     assert big.range_test["seconds"] > 0 and big.found_lr != FALLBACK_LR["sgd"]
+
+
+def test_soft_labels_train_on_vote_distributions():
+    demo = make_demo(n_train=140, n_val=70)
+    n, c = len(demo.train), 8  # FER+ has 8 classes
+    soft = torch.softmax(torch.randn(n, c), 1)
+    train = Split(demo.train.x, soft.argmax(1), demo.train.rows, soft)
+    val = Split(demo.val.x, demo.val.y % c, demo.val.rows)
+    data = FERData(classes=tuple(f"c{i}" for i in range(c)), splits={"Training": train, "PublicTest": val},
+                   source="test")
+    run = build_run({"soft_labels": True, "width": 8}, data, epochs=1)
+    assert torch.allclose(run.train.target, soft) and run.model(torch.zeros(2, 1, 48, 48)).shape == (2, 8)
+    hard = build_run({"soft_labels": False, "width": 8}, data, epochs=1)
+    assert set(hard.train.target.sum(1).tolist()) == {1.0} and hard.train.target.max() == 1.0

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers import SHARED_FER
 from trainables.data import (
     EMOTIONS,
     FERPLUS_CLASSES,
@@ -582,7 +583,7 @@ def test_ferplus_errors(small_csv: Path, tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- the real data
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "fer2013"
+REAL = SHARED_FER
 README_COUNTS = {   # README table: Angry, Disgust, Fear, Happy, Sad, Surprise, Neutral
     "Training": [3995, 436, 4097, 7215, 4830, 3171, 4965],
     "PublicTest": [467, 56, 496, 895, 653, 415, 607],

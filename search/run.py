@@ -139,7 +139,7 @@ def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurre
     `reuse_actors`: a finished trial's worker process runs the next trial with the same resource
     request, instead of a new process importing PyTorch again (benchmarks/overhead.py measures
     both). Off by default: with it, a retried trial's fault-injection record landed in another
-    trial's folder (tests/test_reliability.py), which is not understood yet.
+    trial's folder (tests/e2e/test_reliability.py), which is not understood yet.
     """
     import optuna
     from ray import tune

@@ -136,7 +136,7 @@ def study_seed(space_name: str, *, ferplus: bool, offer_weights: bool, warm_star
     configs = known_good(space_name, space) if use_known_good else []
     if configs:
         notes.append(f"known-good: the first {len(configs)} trials are this space's known-good configurations "
-                     f"(search/warm_start.py says where each comes from; --no-known-good to skip them)")
+                     f"(search/tuning/warm_start.py says where each comes from; --no-known-good to skip them)")
     return StudySeed(trials, configs, notes)
 
 

@@ -69,7 +69,8 @@ TEST = {
 }
 # With "flip" every run is right on every PrivateTest image.
 FLIP_TEST = _confident([0, 1, 2, 0], 0.8)
-# PublicTest probabilities, the same for both TTA modes: accuracies 0.5, 0.75 and 0.5.
+# PublicTest probabilities without TTA: accuracies 0.5, 0.75 and 0.5; with "flip" every run is right.
+FLIP_VAL = _confident([0, 1, 2, 0], 0.6)
 VAL = {
     "top1-a-seed1": _confident([0, 1, 0, 1], 0.8),
     "top1-a-seed2": _confident([0, 1, 2, 1], 0.9),
@@ -84,7 +85,7 @@ def _candidate(rank: int, trial_id: str, lr: float, search_val_acc: float) -> Ca
 def _run(cand: Candidate, seed: int, best_epoch: int, val_acc: float) -> FinalRun:
     name = f"{cand.name}-seed{seed}"
     return FinalRun(candidate=cand, seed=seed, weights=Path(f"/nowhere/{name}.pt"), best_epoch=best_epoch,
-                    val_acc=val_acc, val_probs={"none": VAL[name], "flip": VAL[name]})
+                    val_acc=val_acc, val_probs={"none": VAL[name], "flip": FLIP_VAL})
 
 
 A, B = _candidate(1, "a", 0.01, 0.625), _candidate(2, "b", 0.02, 0.5)
@@ -149,6 +150,9 @@ def test_ensemble_best_takes_each_configurations_best_public_test_run():
     # A tie keeps the first run of the configuration.
     tied = [_run(A, 1, 3, 0.75), _run(A, 2, 5, 0.75)]
     assert [r.name for r in ensemble_members(tied)["ensemble_best"]] == ["top1-a-seed1"]
+    # The members keep the configurations' rank order, whatever their scores.
+    ranked = [_run(A, 1, 3, 0.5), _run(B, 1, 4, 0.9)]
+    assert [r.name for r in ensemble_members(ranked)["ensemble_best"]] == ["top1-a-seed1", "top2-b-seed1"]
 
 
 def test_ensembles_average_their_members_softmax_outputs(scored):
@@ -181,7 +185,7 @@ def test_score_models_gives_one_row_per_model_and_tta_with_hand_computed_numbers
         m = full[name, "none"]
         assert (m["accuracy"], m["accuracy_dedup"], m["val_acc"]) == (acc, dedup, val), name
         assert (m["n_duplicates"], m["n_dup_training"], m["n_dup_publictest"]) == (3, 2, 2), name
-        assert full[name, "flip"]["accuracy"] == 1.0 and full[name, "flip"]["val_acc"] == val, name
+        assert full[name, "flip"]["accuracy"] == 1.0 and full[name, "flip"]["val_acc"] == 1.0, name
     run = _row(rows, "run", "none", "top1-a", seed=1)
     assert run["trial_id"] == "a" and run["lr"] == 0.01 and run["best_epoch"] == 3
     assert run["search_val_acc"] == 0.625 and run["n_runs"] == 1 and run["beta"] == 1.0 and run["n_images"] == 4

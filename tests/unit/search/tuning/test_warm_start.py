@@ -114,8 +114,6 @@ def test_study_seed_without_warm_start_enqueues_the_known_good_configurations_fi
                       use_known_good=False) == StudySeed()
 
 
-@pytest.mark.xfail(reason="the known-good note names search/warm_start.py, which the reorganisation moved to "
-                          "search/tuning/warm_start.py", raises=AssertionError, strict=True)
 def test_the_known_good_note_names_a_file_that_exists():
     (note,) = study_seed("convnet", ferplus=False, offer_weights=False, warm_start="", use_known_good=True).notes
     (path,) = re.findall(r"\((\S+\.py) says where each comes from", note)

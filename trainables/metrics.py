@@ -11,13 +11,14 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, top_k_accuracy_score
 
 # The search objective, named once: a trial's best PublicTest accuracy over its epochs so far
 # (what the final stage keeps: the weights of the best epoch), or, once its loss diverged, the
 # accuracy of the model it diverged to. ASHA's rungs, Optuna's values, the ranking of
 # trials.csv and the final stage's choice all read this one reported value.
 METRIC, MODE = "objective", "max"
+# scikit-learn is imported where a metric is computed, not here: every trial imports this module for
+# METRIC, and sklearn's import costs about 1 s of a core per trial process.
 
 # The scalar metrics `classification_metrics` returns, in the order the tables show them.
 SCALAR_METRICS = ("accuracy", "precision_macro", "recall_macro", "fbeta_macro", "precision_weighted",
@@ -36,6 +37,8 @@ def top_k_accuracy(y_true: Sequence[int], probs: np.ndarray, k: int) -> float:
     y, p = np.asarray(y_true, dtype=np.int64), np.asarray(probs, dtype=np.float64)
     if k >= p.shape[1]:  # sklearn warns and returns 1.0 here; say it without the warning
         return 1.0
+    from sklearn.metrics import top_k_accuracy_score
+
     return float(top_k_accuracy_score(y, p, k=k, labels=np.arange(p.shape[1])))
 
 
@@ -49,6 +52,8 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, *, beta: fl
     `confusion_normalized` (each row divided by its support; a class with no
     samples gets a row of zeros). Precision of a class never predicted counts as 0.
     """
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
     y = np.asarray(y_true, dtype=np.int64)
     p = np.asarray(probs, dtype=np.float64)
     labels = np.arange(len(class_names))

@@ -17,7 +17,6 @@ from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from trainables.errors import UserError
@@ -25,14 +24,16 @@ from trainables.errors import UserError
 STEMS = ("keep", "stride", "imagenet")
 INPUT_SIZES = (48, 96, 112, 224)
 
-# arch -> (family, torchvision weights enum); the enum gives the cache file names torchvision uses.
+# arch -> (family, name of torchvision's weights enum); the enum gives the cache file names torchvision uses.
+# torchvision is imported only where one of these is built or its weights looked up: importing it costs
+# about 2 s of a core, which every ConvNet trial's worker process (and every command) would pay for nothing.
 _TORCHVISION = {
-    "resnet18": ("resnet", torchvision.models.ResNet18_Weights),
-    "resnet34": ("resnet", torchvision.models.ResNet34_Weights),
-    "resnet50": ("resnet", torchvision.models.ResNet50_Weights),
-    "resnet101": ("resnet", torchvision.models.ResNet101_Weights),
-    "densenet121": ("densenet", torchvision.models.DenseNet121_Weights),
-    "densenet169": ("densenet", torchvision.models.DenseNet169_Weights),
+    "resnet18": ("resnet", "ResNet18_Weights"),
+    "resnet34": ("resnet", "ResNet34_Weights"),
+    "resnet50": ("resnet", "ResNet50_Weights"),
+    "resnet101": ("resnet", "ResNet101_Weights"),
+    "densenet121": ("densenet", "DenseNet121_Weights"),
+    "densenet169": ("densenet", "DenseNet169_Weights"),
 }
 # Where each family keeps its first convolution and its classifier, as state-dict keys.
 _FIRST_CONV = {"resnet": "conv1.weight", "densenet": "features.conv0.weight"}
@@ -119,6 +120,8 @@ def _gray_stem(stem: str, out_channels: int) -> tuple[nn.Conv2d, nn.Module | Non
 
 def _torchvision_backbone(arch: str, stem: str) -> tuple[nn.Module, int]:
     """torchvision `arch` (random weights) with a one-channel stem and its classifier removed."""
+    import torchvision.models
+
     family, _ = _TORCHVISION[arch]
     net = getattr(torchvision.models, arch)(weights=None)
     if family == "resnet":
@@ -228,11 +231,18 @@ def forward_with_hooks(model: nn.Module, x: torch.Tensor, modules, hook) -> None
             h.remove()
 
 
+def _weights_enum(arch: str):
+    """torchvision's weights enum of `arch` (e.g. ResNet18_Weights)."""
+    import torchvision.models
+
+    return getattr(torchvision.models, _TORCHVISION[arch][1])
+
+
 def _weight_files(arch: str) -> list[str]:
     """torchvision's cache file names for `arch`, its default weights first."""
     if arch not in _TORCHVISION:
         raise UserError(f"there are no ImageNet weights for {arch!r}; choose from {sorted(_TORCHVISION)}")
-    weights = _TORCHVISION[arch][1]
+    weights = _weights_enum(arch)
     ordered = [weights.DEFAULT] + [w for w in weights if w is not weights.DEFAULT]
     return [Path(w.url).name for w in ordered]
 
@@ -254,7 +264,7 @@ def pretrained_weights_path(arch: str, weights_path: str | None = None) -> Path:
 
 def _missing_weights_message(arch: str, path: Path, explicit: bool) -> str:
     """Say which file is missing and how to get it onto an offline machine."""
-    default = _TORCHVISION[arch][1].DEFAULT.name
+    default = _weights_enum(arch).DEFAULT.name
     fetch = f"python -c \"import torchvision; torchvision.models.{arch}(weights='{default}')\""
     if explicit:
         return f"ImageNet weights file {path} does not exist; fix weights_path, or fetch it with: {fetch}"

@@ -98,6 +98,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, case, capsys):
     assert not results.exists() or not any(results.rglob("*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--num-samples", "many"], ["--space", "vit"], ["--data", "/nonexistent.csv"]])
 def test_bad_input_through_python_m(tmp_path, args):
     """The same one line from the real `python -m search.run` process (argparse's and ours)."""
@@ -109,6 +110,7 @@ def test_bad_input_through_python_m(tmp_path, args):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_gpus_without_gpu(tmp_path):
     r = run_command("search.run", "--space", "convnet", "--data", _good(tmp_path), "--gpus-per-trial", "1",
@@ -117,6 +119,7 @@ def test_gpus_without_gpu(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_existing_experiment_is_never_overwritten(tmp_path):
     exp = tmp_path / "results" / "x"
     exp.mkdir(parents=True)

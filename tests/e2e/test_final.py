@@ -87,6 +87,7 @@ def _one_line_error(r) -> str:
 
 # --------------------------------------------------------------------------- the protocol guard
 
+@pytest.mark.slow
 def test_search_never_reads_private_test_but_final_does(experiment):
     search = experiment["search"]
     assert search.returncode == 0, search.stderr[-3000:]
@@ -111,6 +112,7 @@ OUTPUTS = ["metrics.csv", "per_class.csv", "confusion_matrix.csv", "confusion_ma
 RUNS = ["seed40", "seed41"]  # --final-seeds 2: --seed+1, --seed+2, never the search's own seed
 
 
+@pytest.mark.slow
 def test_final_writes_every_output(final_dir):
     for name in OUTPUTS:
         assert (final_dir / name).is_file() and (final_dir / name).stat().st_size > 0, name
@@ -131,6 +133,7 @@ def test_final_writes_every_output(final_dir):
         assert events and events[0].stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_metrics_csv_rows_and_numbers(final_dir):
     df = read_table(final_dir / "metrics.csv")
     ttas = ["none", "flip", "tencrop"]
@@ -182,6 +185,7 @@ def experiment_dir(final_dir):
     return final_dir.parent
 
 
+@pytest.mark.slow
 def test_per_class_and_confusion_tables_add_up(final_dir):
     per_class = read_table(final_dir / "per_class.csv")
     assert (per_class.groupby(["model", "tta"])["support"].sum() == SIZES["PrivateTest"]).all()
@@ -217,6 +221,7 @@ def test_per_class_and_confusion_tables_add_up(final_dir):
     assert wrong["row"].between(first_private, first_private + SIZES["PrivateTest"] - 1).all()
 
 
+@pytest.mark.slow
 def test_saved_weights_load_with_weights_only(final_dir):
     path = sorted((final_dir / "models").glob("*.pt"))[0]
     ckpt = torch.load(path, weights_only=True)
@@ -225,6 +230,7 @@ def test_saved_weights_load_with_weights_only(final_dir):
     assert json.loads(path.with_suffix(".json").read_text())["config"] == ckpt["config"]
 
 
+@pytest.mark.slow
 def test_evaluate_cli_prints_the_same_numbers(final_dir, experiment):
     path = sorted((final_dir / "models").glob("*.pt"))[0]
     r = run_command("search.evaluate", "--model", str(path), "--data", str(experiment["root"] / "good.csv"),
@@ -240,6 +246,7 @@ def test_evaluate_cli_prints_the_same_numbers(final_dir, experiment):
     assert "most confused pairs" in r.stdout
 
 
+@pytest.mark.slow
 def test_final_refuses_to_overwrite_without_flag(final_dir, experiment, capsys):
     assert final_main([str(experiment["exp"])]) == 2
     err = capsys.readouterr().err.strip()
@@ -259,19 +266,7 @@ def test_bad_weights_file_is_one_line_error(tmp_path, capsys):
         assert err.startswith("error: ") and str(path) in err and len(err.splitlines()) == 1
 
 
-def test_reloaded_weights_give_identical_predictions(tmp_path):
-    torch.manual_seed(0)
-    config = {"arch": "convnet", "width": 16, "depth": 2, "dropout": 0.1}
-    model = build_model("convnet", num_classes=7, stem="stride", width=16, depth=2, dropout=0.1,
-                        pretrained=False, input_size=48).eval()
-    x = make_demo(splits=["PublicTest"], n_val=21).val.x
-    path = save_weights(tmp_path / "m", model.state_dict(), config=config, classes=[str(i) for i in range(7)])
-    loaded, meta = load_weights(path)
-    for tta in ("none", "flip"):
-        assert torch.equal(predict(model, x, tta=tta), predict(loaded, x, tta=tta))
-    assert meta["config"]["width"] == 16 and meta["num_classes"] == 7
-
-
+@pytest.mark.slow
 def test_training_tasks_are_handed_no_private_test(final_dir):
     # What the real tasks of the final stage received, as each recorded it beside its weights.
     for meta in (final_dir / "models").glob("*.json"):
@@ -286,36 +281,7 @@ def test_training_tasks_are_handed_no_private_test(final_dir):
         data.test
 
 
-def test_retrain_keeps_its_best_public_test_epoch(tmp_path, monkeypatch):
-    """PublicTest accuracy 0.5, 0.7, 0.6: the run keeps epoch 2's weights, not the last epoch's."""
-    import search.final_stage.retrain
-
-    data = make_demo(splits=["Training", "PublicTest"], n_train=140, n_val=70)
-    config = {"width": 16, "depth": 2, "batch_size": 32, "lr": 0.05, "augment": "none"}
-    forced, snapshots, real_epoch = [0.5, 0.7, 0.6], [], search.final_stage.retrain.run_epoch
-
-    def epoch_with_forced_accuracy(run):
-        metrics = real_epoch(run)
-        snapshots.append({k: v.clone() for k, v in run.model.state_dict().items()})
-        return {**metrics, "val_acc": forced[run.epoch - 1]}
-
-    monkeypatch.setattr(search.final_stage.retrain, "run_epoch", epoch_with_forced_accuracy)
-    out = retrain(config, data, epochs=3, seed=0, tensorboard_dir=str(tmp_path / "tb"))
-    assert [h["val_acc"] for h in out["history"]] == forced
-    assert out["best_epoch"] == 2 and out["val_acc"] == 0.7
-    assert all(torch.equal(out["state_dict"][k], v) for k, v in snapshots[1].items())
-    assert not all(torch.equal(out["state_dict"][k], v) for k, v in snapshots[2].items())
-    assert sorted(out["val_probs"]) == ["flip", "none", "tencrop"]
-    # PublicTest probabilities are those of the kept weights (epoch 2), not the last epoch's.
-    model = build_model("convnet", num_classes=7, stem="stride", width=16, depth=2, dropout=0.0,
-                        pretrained=False, input_size=48)
-    model.load_state_dict(snapshots[1])
-    np.testing.assert_allclose(out["val_probs"]["none"], predict(model, data.val.x).numpy(), atol=1e-6)
-    model.load_state_dict(snapshots[2])
-    assert not np.allclose(out["val_probs"]["none"], predict(model, data.val.x).numpy(), atol=1e-6)
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
-
-
+@pytest.mark.slow
 def test_final_overwrite_with_resource_overrides(final_dir, experiment, tmp_path):
     """--overwrite replaces an earlier final stage entirely; flags given override settings.json."""
     exp = tmp_path / "X"
@@ -331,6 +297,7 @@ def test_final_overwrite_with_resource_overrides(final_dir, experiment, tmp_path
     assert set(metrics["tta"]) == {"none"} and (metrics[metrics["kind"] == "run"]["seed"] == int(SEARCH_SEED) + 1).all()
 
 
+@pytest.mark.slow
 def test_evaluate_split_and_beta(final_dir, experiment, capsys):
     from sklearn.metrics import fbeta_score
 
@@ -359,6 +326,7 @@ def test_evaluate_refuses_a_model_with_another_class_count(tmp_path, capsys):
     assert err.startswith("error: ") and "predicts 8 classes but demo has 7" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_final_alone_within_a_time_budget(experiment, tmp_path):
     """`search.final --time-budget`: the stage is planned from the search's epoch times and ends in time."""
     exp = tmp_path / "X"

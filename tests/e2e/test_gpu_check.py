@@ -13,6 +13,8 @@ import pytest
 from tests.helpers import ROOT, SHARED_FER, write_fer_csv
 from trainables.data import SPLITS, load_fer2013
 
+pytestmark = pytest.mark.slow  # the GPU check's real runs, at tiny sizes on the CPU
+
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 SIZES = {"Training": 700, "PublicTest": 84, "PrivateTest": 28}
 

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from tests.helpers import run_command
 
 
+@pytest.mark.slow
 def test_lr_find_writes_curve_and_suggestion(tmp_path):
     r = run_command("search.lr_find", "--arch", "convnet", "--data", "demo", "--steps", "60", "--batch-size", "32",
                 "--out", str(tmp_path))

@@ -180,7 +180,7 @@ def test_bad_model_or_flag_is_one_line(kind, crops, tmp_path, capsys):
 
 # --------------------------------------------------------------------------- ONNX parity per family
 
-@pytest.mark.parametrize("arch", ["convnet", "resnet18", "densenet121"])
+@pytest.mark.parametrize("arch", ["convnet", "resnet18", pytest.param("densenet121", marks=pytest.mark.slow)])
 def test_onnx_runtime_matches_pytorch_on_256_faces(arch, crops, tmp_path):
     """Every architecture family, exported with a sharpening temperature (0.1: an untrained network's logits are
     close together): max |difference| < 1e-4."""

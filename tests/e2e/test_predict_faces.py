@@ -1,5 +1,5 @@
 """search.predict's face detection: real FER2013 faces pasted on a textured photo and into a short video, each
-found once where it was pasted, and the crop that gives the FER2013 face back. The only predict tests that need
+found once where it was pasted, The only predict tests that need
 real faces (the bundled Haar cascade does not fire on the demo data's cartoon faces)."""
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import pandas as pd
 import pytest
 
 import search.predict
-from search.serving.deploy import CROP_MARGIN
-from search.serving.faces import HaarDetector, crop_face
+from search.serving.faces import HaarDetector
 from tests.helpers import SHARED_FER, as_command, predictor_weights, well_formed
 
 predict_main = as_command(search.predict.main)
@@ -125,14 +124,3 @@ def test_video_every_other_frame(found, weights, tmp_path):
     while cap.read()[0]:
         frames += 1
     assert frames == 4
-
-
-def test_crop_is_the_fer2013_crop(faces):
-    """Cutting the box of a pasted face back out gives the face again (the crop keeps FER2013's framing)."""
-    face = faces[0]
-    canvas = np.full((400, 400), 90, np.uint8)
-    canvas[100:292, 100:292] = _big(face, 192)[..., 0]
-    side = 192 / (1 + 2 * CROP_MARGIN)
-    box = (round(196 - side / 2), round(196 - side / 2), round(side), round(side))
-    crop = crop_face(canvas, box)
-    assert crop.shape == (48, 48) and np.abs(crop.astype(int) - face).mean() < 4

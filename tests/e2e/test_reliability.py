@@ -17,6 +17,8 @@ import pytest
 from search.tuning.study import TRIAL_ATTR, load_study
 from tests.helpers import ROOT, read_table, run_command
 
+pytestmark = pytest.mark.slow  # searches through the real CLI, killed, interrupted and resumed
+
 # With TPE seeded 5, the first five convnet configs (TPE's random start-up draws) are:
 # sgd/bs64, adamw/bs64/mixup, adam/bs64, adam/bs64, adamw/bs128.
 COMMON = ["--space", "convnet", "--data", "demo", "--train-fraction", "0.5", "--max-epochs", "2",
@@ -211,7 +213,7 @@ def test_a_trial_that_cannot_fit_fails_alone_with_its_reason(tmp_path):
     # with the largest node taken as 1.8 GiB only the ResNet-18 (about 1.5 GiB estimated in bf16) fits.
     r = run_command("search.run", "--space", "resnet", "--seed", "2", "--no-known-good", "--data", "demo",
                     "--train-fraction", "0.05",
-                    "--num-samples", "3", "--max-epochs", "1", "--grace-epochs", "1", "--no-final",
+                    "--num-samples", "3", "--max-epochs", "1", "--grace-epochs", "1", "--no-final", "--no-report",
                     "--results", str(tmp_path), "--name", "n", env={"FER_INJECT_MEMORY_LIMIT": "1.8"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]  # (Ray logs each failed trial's traceback)
     df = read_table(tmp_path / "n" / "trials.csv").set_index("config/arch")

@@ -38,6 +38,7 @@ def report_exp(demo_experiment, tmp_path_factory):
     return exp, r
 
 
+@pytest.mark.slow
 def test_the_final_stage_ends_with_the_report_and_every_figure(report_exp):
     exp, r = report_exp
     assert f"report: {exp / 'report.html'}" in r.stdout and "not written" not in r.stderr
@@ -48,6 +49,7 @@ def test_the_final_stage_ends_with_the_report_and_every_figure(report_exp):
     assert page.count('src="data:image/png;base64,') == len(names)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SEARCH_FIGURES | FINAL_FIGURES | MODEL_FIGURES))
 def test_every_figure_is_a_png_that_is_not_blank(report_exp, name):
     path = report_exp[0] / "figures" / f"{name}.png"
@@ -59,6 +61,7 @@ def test_every_figure_is_a_png_that_is_not_blank(report_exp, name):
     assert pixels.std() > 10 and len(np.unique(pixels)) > 30 and (pixels < 200).mean() > 0.02
 
 
+@pytest.mark.slow
 def test_gradcam_maps_have_the_input_size_and_are_not_constant(report_exp):
     model, _ = load_weights(next((report_exp[0] / "final" / "models").glob("*.pt")))
     x = make_demo(splits=("PublicTest",), n_val=70).val.x[:16]
@@ -69,6 +72,7 @@ def test_gradcam_maps_have_the_input_size_and_are_not_constant(report_exp):
     assert sum(varied) >= 12, [float(m.std()) for m in maps]  # a class the image gives no evidence for may be 0
 
 
+@pytest.mark.slow
 def test_the_report_opens_in_a_real_browser(report_exp):
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (see .ci/run)")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -95,6 +99,7 @@ def test_the_report_opens_in_a_real_browser(report_exp):
     assert "Where the model looks" in text and "fANOVA" in text
 
 
+@pytest.mark.slow
 def test_the_study_in_optuna_db_has_one_trial_per_trials_csv_row(report_exp):
     exp = report_exp[0]
     df = read_table(exp / "trials.csv")
@@ -113,6 +118,7 @@ def test_the_study_in_optuna_db_has_one_trial_per_trials_csv_row(report_exp):
         assert max(t.intermediate_values) == row.epochs  # every epoch was reported, the last one included
 
 
+@pytest.mark.slow
 def test_the_figures_are_in_tensorboard(report_exp):
     exp = report_exp[0]
     tags = set()
@@ -122,6 +128,7 @@ def test_the_figures_are_in_tensorboard(report_exp):
     assert {t.split("/")[-1] for t in tags} == SEARCH_FIGURES | FINAL_FIGURES | MODEL_FIGURES
 
 
+@pytest.mark.slow
 def test_report_of_an_interrupted_experiment_copied_elsewhere(report_exp, tmp_path, capsys):
     """No final stage, no optuna.db (an experiment from before it existed), data no longer at its path."""
     copy = tmp_path / "copied"
@@ -145,36 +152,3 @@ def test_bad_report_input_is_one_line_exit_2(args, needle, capsys):
         status = exit_.code
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
-
-
-def test_optuna_db_is_rebuilt_from_the_snapshot_a_resume_restores(tmp_path):
-    """A kill after a trial ended in optuna.db but before Tune's snapshot: the restored snapshot has it running,
-    Tune runs it again, and the database must take its new result (Optuna refuses to update a finished trial)."""
-    import pickle
-
-    import optuna
-
-    from search.tuning.study import STUDY_NAME, open_storage, study_url
-
-    storage = open_storage(tmp_path)
-    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize")
-    first = study.ask()
-    first.suggest_float("lr", 1e-4, 1e-1, log=True)
-    first.report(0.3, 1)
-    snapshot = pickle.dumps(study)  # Tune's snapshot: the trial is still running
-    study.tell(first, 0.4)
-    study.tell(study.ask(), 0.1)  # handed out and finished after the snapshot: Tune never knew of it
-    assert [t.state.name for t in load_study(tmp_path).trials] == ["COMPLETE", "COMPLETE"]
-
-    restored = pickle.loads(snapshot)
-    restored._storage.attach()  # what TrackedOptunaSearch.restore does
-    assert [t.state.name for t in load_study(tmp_path).trials] == ["RUNNING"]
-    moved = tmp_path / "moved"  # the experiment copied elsewhere, then resumed there
-    moved.mkdir()
-    restored._storage.attach(study_url(moved))
-    again = optuna.Trial(restored, restored._storage.get_trial_id_from_study_id_trial_number(restored._study_id, 0))
-    again.report(0.35, 2)
-    restored.tell(again, 0.45)
-    assert [t.state.name for t in load_study(tmp_path).trials] == ["RUNNING"]  # the old place is left alone
-    (on_disk,) = load_study(moved).trials
-    assert on_disk.value == 0.45 and on_disk.intermediate_values == {1: 0.3, 2: 0.35} and "lr" in on_disk.params

@@ -33,6 +33,7 @@ def two_nodes():
     cluster.shutdown()
 
 
+@pytest.mark.slow
 def test_search_resume_and_final_stage_through_a_file_uri_on_two_nodes(two_nodes, tmp_path):
     store = f"file://{tmp_path}/shared"
     results = tmp_path / "results"

@@ -28,6 +28,7 @@ def test_a_trial_that_cannot_fit_is_refused_with_its_reason():
     check_fits(config, None)  # no limit known: no error
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [{"arch": "resnet50", "stem": "stride", "batch_size": 128},
                                     {"arch": "densenet121", "stem": "stride", "batch_size": 64}])
 def test_estimate_within_tolerance_of_the_measured_peak(config):

@@ -205,3 +205,30 @@ def test_settle_finished_and_load_study_without_a_study(tmp_path):
     assert (tmp_path / STUDY_FILE).is_file()
     assert load_study(tmp_path) is None
     assert settle_finished(tmp_path, [_record("t", "STOPPED", 0.5)]) == 0
+
+
+def test_optuna_db_is_rebuilt_from_the_snapshot_a_resume_restores(tmp_path):
+    """A kill after a trial ended in optuna.db but before Tune's snapshot: the restored snapshot has it running,
+    Tune runs it again, and the database must take its new result (Optuna refuses to update a finished trial)."""
+    storage = open_storage(tmp_path)
+    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize")
+    first = study.ask()
+    first.suggest_float("lr", 1e-4, 1e-1, log=True)
+    first.report(0.3, 1)
+    snapshot = pickle.dumps(study)  # Tune's snapshot: the trial is still running
+    study.tell(first, 0.4)
+    study.tell(study.ask(), 0.1)  # handed out and finished after the snapshot: Tune never knew of it
+    assert [t.state.name for t in load_study(tmp_path).trials] == ["COMPLETE", "COMPLETE"]
+
+    restored = pickle.loads(snapshot)
+    restored._storage.attach()  # what TrackedOptunaSearch.restore does
+    assert [t.state.name for t in load_study(tmp_path).trials] == ["RUNNING"]
+    moved = tmp_path / "moved"  # the experiment copied elsewhere, then resumed there
+    moved.mkdir()
+    restored._storage.attach(study_url(moved))
+    again = optuna.Trial(restored, restored._storage.get_trial_id_from_study_id_trial_number(restored._study_id, 0))
+    again.report(0.35, 2)
+    restored.tell(again, 0.45)
+    assert [t.state.name for t in load_study(tmp_path).trials] == ["RUNNING"]  # the old place is left alone
+    (on_disk,) = load_study(moved).trials
+    assert on_disk.value == 0.45 and on_disk.intermediate_values == {1: 0.3, 2: 0.35} and "lr" in on_disk.params

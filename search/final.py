@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from search.figures.page import report_at_end
 from search.final_stage.stage import FINAL_DIR, run_final
+from search.reporting.page import report_at_end
 from search.tuning.budget import Clock, TimeSplit, command_started
 from search.tuning.cli import Parser, run_cli
 from search.tuning.records import load_trials

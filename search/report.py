@@ -1,6 +1,6 @@
 """`python -m search.report results/<name>`: every figure of an experiment, and one self-contained report.html.
 
-The page is built by `search.figures.page` (see there what it holds); `search.run` and `search.final`
+The page is built by `search.reporting.page` (see there what it holds); `search.run` and `search.final`
 write it when they end, so this command is for an interrupted experiment or a folder copied back
 from a cluster.
 """
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from search.figures.page import FIGURES_DIR, TENSORBOARD_DIR, write_report
+from search.reporting.page import FIGURES_DIR, TENSORBOARD_DIR, write_report
 from search.tuning.cli import Parser, run_cli
 
 

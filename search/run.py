@@ -15,8 +15,8 @@ from functools import partial
 from pathlib import Path
 from typing import Sequence
 
-from search.figures.page import report_at_end
 from search.final_stage.stage import run_final
+from search.reporting.page import report_at_end
 from search.tuning.budget import Clock, SearchBudget, TimeSplit, command_started, search_budget, set_active
 from search.tuning.cli import Parser, run_cli
 from search.tuning.cluster import memory_limits, start_ray, tolerate_lost_workers, trial_request, trial_resources

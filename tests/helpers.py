@@ -11,6 +11,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_FER = ROOT.parent / "shared" / "data" / "fer2013"
 N_DEMO = 6  # trials of the shared demo experiment (conftest.demo_experiment)
+DEMO_SEED = 43  # its --seed: the final runs' seeds are 44, 45
+DEMO_SIZES = {"Training": 1400, "PublicTest": 350, "PrivateTest": 350}  # the demo data's splits
+N_DUPLICATES = 10  # PrivateTest images of conftest.demo_csvs' good.csv copied from Training
+N_DUP_PUBLIC = 3   # and from PublicTest (the split that chose the models)
 TEMPERATURE = 2.0  # the temperature predictor_weights carries
 
 

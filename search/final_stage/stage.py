@@ -62,7 +62,7 @@ def run_final(settings: Settings, trials: Sequence[TrialRecord], *, clock: Clock
     ttas = [ANALYSIS_TTA, *dict.fromkeys(t for t in s.final_tta if t != ANALYSIS_TTA)]  # the analysis needs "none"
     deadline = None
     if clock:
-        s, deadline = fit_final_to_budget(s, trials, candidates, clock, data, ttas, split)
+        s, deadline = fit_final_to_budget(s, trials, [c.trial_id for c in candidates], clock, data, ttas, split)
         candidates = candidates[:s.final_top_k]
     epochs = s.final_epochs or s.max_epochs
     clear_outputs(out)

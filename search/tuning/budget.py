@@ -29,7 +29,6 @@ from trainables.errors import UserError
 from trainables.files import write_text
 
 if TYPE_CHECKING:
-    from search.final_stage.candidates import Candidate
     from trainables.data import FERData
 
 # Scoring every final run on PrivateTest and PublicTest, the error analysis and the figures:
@@ -277,13 +276,13 @@ def active() -> SearchBudget | None:
     return _ACTIVE[0]
 
 
-def fit_final_to_budget(s: Settings, trials: Sequence[TrialRecord], candidates: Sequence["Candidate"], clock: Clock,
-                        data: "FERData",
+def fit_final_to_budget(s: Settings, trials: Sequence[TrialRecord], candidate_ids: Sequence[str], clock: Clock,
+                        data: FERData,
                         ttas: Sequence[str], split: TimeSplit | None) -> tuple[Settings, float]:
     """The final stage's top-k, seeds and epochs cut to the time left, and the deadline of its runs.
 
-    Sized from the per-epoch times the search measured for `candidates`, best first (see `search.tuning.budget`);
-    a UserError when not one epoch of the best configuration fits.
+    Sized from the per-epoch times the search measured for the trials `candidate_ids`, best first (see
+    `plan_final`); a UserError when not one epoch of the best configuration fits.
     """
     import ray
 
@@ -294,7 +293,7 @@ def fit_final_to_budget(s: Settings, trials: Sequence[TrialRecord], candidates: 
     _, slots = trial_resources(dataclasses.replace(s, num_samples=s.final_top_k * s.final_seeds), cluster)
     by_id = {t.trial_id: t for t in trials}
     n_search = round(len(data.train) * s.train_fraction)
-    times = [full_epoch_seconds(Measured.of(by_id[c.trial_id]), n_search, len(data.train)) for c in candidates]
+    times = [full_epoch_seconds(Measured.of(by_id[tid]), n_search, len(data.train)) for tid in candidate_ids]
     left = clock.left()
     plan = plan_final(times, slots=slots, top_k=s.final_top_k, seeds=s.final_seeds, epochs=s.final_epochs,
                       seconds=left, n_full=len(data.train), n_test=len(data.test), ttas=len(ttas))
@@ -312,7 +311,7 @@ def fit_final_to_budget(s: Settings, trials: Sequence[TrialRecord], candidates: 
     return s, clock.deadline - plan.eval_seconds
 
 
-def search_budget(s: Settings, clock: Clock, data: "FERData", concurrent: int) -> SearchBudget:
+def search_budget(s: Settings, clock: Clock, data: FERData, concurrent: int) -> SearchBudget:
     """What the search must leave for the final stage under --time-budget (all of it without a final stage)."""
     return SearchBudget(clock=clock, share=s.final_share if s.final else 0.0, slots=concurrent,
                         top_k=s.final_top_k, seeds=s.final_seeds, epochs=s.final_epochs,

@@ -1,10 +1,10 @@
-"""The final stage: the real `search.run` -> `search.final` -> `search.evaluate` CLIs on a tiny experiment.
+"""The final stage: the real `search.run` -> `search.final` -> `search.evaluate` CLIs on the demo data.
 
-One module-scoped search runs on a small CSV whose PrivateTest rows are garbage: that
-it succeeds proves the search never reads PrivateTest, and `search.final` on the same
-file must fail naming the bad line. The final stage then runs for real on the same
-experiment with `--data` pointing at the intact copy of the file (same Training and
-PublicTest, plus 10 PrivateTest images copied from Training to count as duplicates).
+The shared demo search (tests/conftest.py) runs on a CSV whose PrivateTest rows are garbage: that
+it succeeds proves the search never reads PrivateTest, and `search.final` on the same file must
+fail naming the bad line. The shared final stage runs for real on a copy of that experiment with
+`--data` pointing at the intact twin of the file (same Training and PublicTest, plus PrivateTest
+images copied from Training and PublicTest to count as duplicates).
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import search.evaluate
 import search.final
 from search.final_stage.retrain import retrain, without_test
 from search.serving.deploy import load_classifier
-from tests.helpers import as_command, read_table, run_command
-from trainables.data import EMOTIONS, SPLITS, FERData, load_fer2013, make_demo
+from tests.helpers import DEMO_SEED, DEMO_SIZES, N_DEMO, N_DUP_PUBLIC, N_DUPLICATES, as_command, read_table, run_command
+from trainables.data import EMOTIONS, SPLITS, load_fer2013, make_demo
 from trainables.errors import UserError
 from trainables.inference import predict
 from trainables.models import build_model
@@ -30,52 +30,23 @@ from trainables.weights import load_weights, save_weights
 evaluate_main = as_command(search.evaluate.main)
 final_main = as_command(search.final.main)
 
-SIZES = {"Training": 210, "PublicTest": 70, "PrivateTest": 70}
-N_DUPLICATES = 10      # PrivateTest images copied from Training
-N_DUP_PUBLIC = 3       # and from PublicTest (the split that chose the models)
-# TPE seed whose first two convnet configs are cheap (searched LR, batch >= 128): the trials and
-# the retraining then take seconds. Another seed only makes this module slower, not wrong.
-SEARCH_SEED = "39"
-
-
-def _write_csv(path, data: FERData, *, garbage_private: bool) -> None:
-    lines = ["emotion,pixels,Usage"]
-    for usage in SPLITS:
-        split = data.splits[usage]
-        for x, y in zip(split.x.reshape(len(split), -1).numpy(), split.y.numpy()):
-            pixels = "garbage" if garbage_private and usage == "PrivateTest" else " ".join(map(str, x))
-            lines.append(f"{y},{pixels},{usage}")
-    path.write_text("\n".join(lines) + "\n")
+SIZES = DEMO_SIZES
+RUNS = [f"seed{DEMO_SEED + 1}", f"seed{DEMO_SEED + 2}"]  # --final-seeds 2: --seed+1, --seed+2, never the search's own
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory):
-    """A finished 2-trial, 1-epoch search on `bad.csv` (garbage PrivateTest); `good.csv` is the intact twin."""
-    root = tmp_path_factory.mktemp("final")
-    demo = make_demo(splits=SPLITS, n_train=SIZES["Training"], n_val=SIZES["PublicTest"],
-                     n_test=SIZES["PrivateTest"], seed=1)
-    train, test = demo.train, demo.test
-    test.x[:N_DUPLICATES] = train.x[:N_DUPLICATES]  # exact copies, as FER2013 has across splits
-    test.x[N_DUPLICATES:N_DUPLICATES + N_DUP_PUBLIC] = demo.val.x[:N_DUP_PUBLIC]
-    _write_csv(root / "good.csv", demo, garbage_private=False)
-    _write_csv(root / "bad.csv", demo, garbage_private=True)
-    search = run_command("search.run", "--space", "convnet", "--data", str(root / "bad.csv"), "--num-samples", "2",
-                     "--max-epochs", "1", "--grace-epochs", "1", "--no-final", "--no-report", "--seed", SEARCH_SEED,
-                     "--name", "X", "--results", str(root / "results"))
-    return {"root": root, "exp": root / "results" / "X", "search": search}
+def experiment(demo_experiment, demo_final, demo_csvs):
+    """The shared demo search on `bad.csv` (garbage PrivateTest; `good.csv` is the intact twin), and the copy of
+    it that holds the shared final stage (`exp`)."""
+    return {"root": demo_csvs["root"], "exp": demo_final[0], "search": demo_experiment[1]}
 
 
 @pytest.fixture(scope="module")
-def final_dir(experiment):
-    """`search.final` on the experiment, with the intact data: 1 configuration x 2 seeds x 1 epoch."""
-    assert experiment["search"].returncode == 0, experiment["search"].stderr[-3000:]
-    r = run_command("search.final", str(experiment["exp"]), "--data", str(experiment["root"] / "good.csv"),
-                "--final-top-k", "1", "--final-seeds", "2", "--final-epochs", "1",
-                "--final-tta", "none", "flip", "tencrop", "--no-report")
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = experiment["exp"] / "final"
+def final_dir(demo_final):
+    """The shared final stage (conftest.demo_final): 1 configuration x 2 seeds x 1 epoch, TTA none, flip, tencrop."""
+    exp, r = demo_final
     assert "PrivateTest" in r.stdout and "ensemble_all" in r.stdout  # the table is printed
-    return out
+    return exp / "final"
 
 
 def _one_line_error(r) -> str:
@@ -92,9 +63,9 @@ def test_search_never_reads_private_test_but_final_does(experiment):
     search = experiment["search"]
     assert search.returncode == 0, search.stderr[-3000:]
     trials = read_table(experiment["exp"] / "trials.csv")
-    assert len(trials) == 2 and trials["val_acc"].between(0, 1).all()
+    assert len(trials) == N_DEMO and trials["val_acc"].between(0, 1).all()
     # The final stage reads PrivateTest and so meets the garbage: the first PrivateTest row is
-    # data row 280, line 282 of the file (after the header).
+    # data row 1750, line 1752 of the file (after the header).
     first_line = SIZES["Training"] + SIZES["PublicTest"] + 2
     models = experiment["exp"] / "final" / "models"
     had_models = models.exists()  # the end-to-end tests may have run first (pytest -k, -p randomly)
@@ -109,7 +80,6 @@ def test_search_never_reads_private_test_but_final_does(experiment):
 OUTPUTS = ["metrics.csv", "per_class.csv", "confusion_matrix.csv", "confusion_matrix.png", "confused_pairs.csv",
            "misclassified.csv", "misclassified.png", "reliability.png", "kernels.png", "activations.png", "README.md",
            "export/best_single.onnx", "export/best_ensemble.onnx"]
-RUNS = ["seed40", "seed41"]  # --final-seeds 2: --seed+1, --seed+2, never the search's own seed
 
 
 @pytest.mark.slow
@@ -294,7 +264,7 @@ def test_final_overwrite_with_resource_overrides(final_dir, experiment, tmp_path
     weights = sorted(p.name for p in (exp / "final" / "models").glob("*.pt"))
     assert len(weights) == 1 and weights[0].endswith(f"-{RUNS[0]}.pt")  # the earlier second seed's run is gone
     metrics = read_table(exp / "final" / "metrics.csv")
-    assert set(metrics["tta"]) == {"none"} and (metrics[metrics["kind"] == "run"]["seed"] == int(SEARCH_SEED) + 1).all()
+    assert set(metrics["tta"]) == {"none"} and (metrics[metrics["kind"] == "run"]["seed"] == DEMO_SEED + 1).all()
 
 
 @pytest.mark.slow
@@ -306,7 +276,7 @@ def test_evaluate_split_and_beta(final_dir, experiment, capsys):
     assert evaluate_main(["--model", str(path), "--data", good, "--split", "PublicTest", "--beta", "2",
                           "--tta", "none"]) == 0
     out = capsys.readouterr().out
-    assert "PublicTest (70 images, beta=2)" in out
+    assert f"PublicTest ({SIZES['PublicTest']} images, beta=2)" in out
     header = next(line.split() for line in out.splitlines() if line.split()[:2] == ["split", "tta"])
     row = next(line.split() for line in out.splitlines() if line.startswith("PublicTest none"))
     model, _ = load_weights(path)
@@ -331,9 +301,9 @@ def test_final_alone_within_a_time_budget(experiment, tmp_path):
     """`search.final --time-budget`: the stage is planned from the search's epoch times and ends in time."""
     exp = tmp_path / "X"
     shutil.copytree(experiment["exp"], exp, ignore=shutil.ignore_patterns("final"))
-    # start-up (5-7 s here) + a run's start + one epoch + the reserve for scoring, the ONNX exports and
-    # the report (about 20 s on the demo data): 30 s left no epoch when start-up took 7 s
-    budget = 35
+    # start-up (5-7 s here) + a run's start + one epoch (about 5 s on the 1,400 demo images) + the reserve for
+    # scoring, the ONNX exports and the report (about 25 s on the demo data): 35 s left no epoch
+    budget = 45
     started = time.time()
     r = run_command("search.final", str(exp), "--data", str(experiment["root"] / "good.csv"), "--final-top-k", "2",
                     "--final-seeds", "3", "--final-epochs", "500", "--final-tta", "none", "--time-budget", str(budget))

@@ -14,7 +14,7 @@ import search.report
 from search.figures.explain import grad_cam
 from search.tuning.cli import run_cli
 from search.tuning.study import TRIAL_ATTR, load_study
-from tests.helpers import as_command, read_table, run_command
+from tests.helpers import as_command, read_table
 from trainables.data import make_demo
 from trainables.weights import load_weights
 
@@ -27,15 +27,11 @@ SECTIONS = ["search", "trials", "final", "gradcam", "features", "settings"]
 
 
 @pytest.fixture(scope="module")
-def report_exp(demo_experiment, tmp_path_factory):
-    """The shared 6-trial demo search, copied (as from a cluster), then its final stage: 1 configuration x 2 seeds,
-    which ends by writing the report. (The search's own report at its end: the quick-start and storage tests.)"""
-    exp = tmp_path_factory.mktemp("report") / "rep"
-    shutil.copytree(demo_experiment[0], exp)
-    r = run_command("search.final", str(exp), "--final-top-k", "1", "--final-seeds", "2", "--final-epochs", "1",
-                    "--final-tta", "none")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return exp, r
+def report_exp(demo_final):
+    """The shared 6-trial demo search, copied (as from a cluster), then its final stage (1 configuration x 2 seeds),
+    which ends by writing the report (tests/conftest.py). (The search's own report at its end: the quick-start
+    and storage tests.)"""
+    return demo_final
 
 
 @pytest.mark.slow

@@ -21,6 +21,9 @@ PUBLISHED = {"search.run", "search.final", "search.evaluate", "search.lr_find", 
 # never loads OpenCV, ONNX, captum or matplotlib.
 SERVING_AND_FIGURES = ("search.serving", "search.figures")
 HEAVY_LIBRARIES = ("cv2", "onnx", "onnxruntime", "captum", "matplotlib")
+# Imported only where used (a ResNet or DenseNet built, a metric table computed): a ConvNet trial's worker
+# process would otherwise spend 2-3 s of a core importing them.
+LAZY_LIBRARIES = ("torchvision", "sklearn")
 
 
 def _modules() -> dict[str, Path]:
@@ -143,11 +146,13 @@ def test_a_trial_never_imports_serving_or_figures():
     assert not offending, offending
 
 
-def test_a_trial_process_loads_no_opencv_onnx_captum_or_matplotlib():
-    # Importing what a trial imports (the trainable, and one trial's run built and stepped) pulls in none
-    # of the serving or figure libraries: they cost a worker seconds and memory it never uses.
-    code = ("import sys; import trainables.tune_trainable; from trainables.runner import build_run; "
-            f"print(sorted(m for m in {HEAVY_LIBRARIES!r} if m in sys.modules))")
+def test_a_convnet_trial_process_loads_no_opencv_onnx_captum_matplotlib_torchvision_or_sklearn():
+    # What a ConvNet trial's worker does (import the trainable, build a run, train and score one epoch)
+    # pulls in none of the serving, figure or lazily imported libraries: they would cost it seconds.
+    code = ("import sys; import trainables.tune_trainable; from trainables.data import make_demo; "
+            "from trainables.runner import build_run, run_epoch; "
+            "run_epoch(build_run({'width': 8, 'depth': 2}, make_demo(n_train=70, n_val=14), epochs=1)); "
+            f"print(sorted(m for m in {HEAVY_LIBRARIES + LAZY_LIBRARIES!r} if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "[]", r.stdout

@@ -2,8 +2,8 @@
 report.html.
 
 Reads top to bottom: the experiment's settings, its trials, the search's pictures
-(`search.figures.trials`), the final stage's tables and pictures, and the final model seen
-from inside (`search.figures.models`); each figure is written to `results/<name>/figures/`
+(`search.reporting.search_figures`), the final stage's tables and pictures, and the final model seen
+from inside (`search.reporting.model_figures`); each figure is written to `results/<name>/figures/`
 and embedded in `results/<name>/report.html` (base64 images, inline CSS, no script and
 nothing fetched, so it opens anywhere, offline). The same figures are logged as images to
 `results/<name>/tensorboard/report/`. Everything comes from the experiment folder (plus
@@ -26,8 +26,8 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
-from search.figures import trials as sp
-from search.figures.models import MODEL_FIGURES, ModelView, analysed_model, load_public_test
+from search.reporting import search_figures as sp
+from search.reporting.model_figures import MODEL_FIGURES, ModelView, analysed_model, load_public_test
 from search.tuning.settings import Settings, read_settings
 from search.tuning.study import STUDY_FILE
 from trainables.files import write_text

@@ -19,8 +19,8 @@ import torch
 
 from search.figures.explain import channel_responses, explained_layer, grad_cam, penultimate_features
 from search.figures.plots import plot_embedding, plot_gradcam_grid, plot_mean_gradcam, plot_mistakes
-from search.figures.trials import NoData
 from search.final_stage.retrain import run_name
+from search.reporting.search_figures import NoData
 from search.tuning.settings import Settings
 from trainables.data import Split, load_fer2013
 from trainables.device import pick_device

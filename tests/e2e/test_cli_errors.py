@@ -4,8 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from search.tuning.cli import run_cli
-from tests.helpers import run_command, write_fer_csv
+from tests.helpers import as_command, run_command, write_fer_csv
 
 PIX = " ".join(["0"] * 2304)
 
@@ -72,14 +71,6 @@ CASES = {
 }
 
 
-def _run_in_process(module_main, argv: list[str]) -> int:
-    """The command's entry as `python -m` runs it: run_cli's status, or argparse's SystemExit code."""
-    try:
-        return run_cli(module_main, argv)
-    except SystemExit as exit_:
-        return int(exit_.code)
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_is_one_line_exit_2(tmp_path, case, capsys):
     from search.run import main
@@ -88,7 +79,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, case, capsys):
     data = make(tmp_path)
     results = tmp_path / "results"
     args = ["--space", "convnet", *flags] if "--space" not in flags else flags
-    status = _run_in_process(main, [*args, "--data", data, "--results", str(results), "--name", "x", "--no-final"])
+    status = as_command(main)([*args, "--data", data, "--results", str(results), "--name", "x", "--no-final"])
     out, err = capsys.readouterr()
     assert status == 2, err
     lines = err.strip().splitlines()

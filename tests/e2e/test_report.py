@@ -12,7 +12,6 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 
 import search.report
 from search.figures.explain import grad_cam
-from search.tuning.cli import run_cli
 from search.tuning.study import TRIAL_ATTR, load_study
 from tests.helpers import as_command, read_table
 from trainables.data import make_demo
@@ -132,7 +131,7 @@ def test_report_of_an_interrupted_experiment_copied_elsewhere(report_exp, tmp_pa
                                                                          "tensorboard"))
     settings = json.loads((copy / "settings.json").read_text())
     (copy / "settings.json").write_text(json.dumps({**settings, "data": str(tmp_path / "gone.csv")}))
-    assert run_cli(report_main, [str(copy)]) == 0
+    assert report_main([str(copy)]) == 0
     page = (copy / "report.html").read_text()
     assert "No final stage yet" in page and "rebuilt from trials.csv" in page
     assert {p.stem for p in (copy / "figures").glob("*.png")} == SEARCH_FIGURES
@@ -142,9 +141,6 @@ def test_report_of_an_interrupted_experiment_copied_elsewhere(report_exp, tmp_pa
 @pytest.mark.parametrize("args, needle", [(["/nonexistent/exp"], "is not an experiment folder"),
                                           (["/tmp", "--colour", "x"], "unrecognized arguments")])
 def test_bad_report_input_is_one_line_exit_2(args, needle, capsys):
-    try:
-        status = run_cli(report_main, args)
-    except SystemExit as exit_:
-        status = exit_.code
+    status = report_main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err

@@ -1,7 +1,7 @@
 """Estimated against measured training memory, per (architecture, stem, batch size), on this machine.
 
 Each configuration trains two steps in a fresh process (so that one probe's memory never
-inflates the next) and reports its peak resident memory (`ru_maxrss`); the estimate is
+inflates the next) and reports its peak resident memory (its own VmHWM); the estimate is
 `trainables.memory.estimate_memory`. Writes `results/benchmarks/memory_estimate.csv` with
 both figures and their ratio, and prints the table. On CUDA (`--device cuda`) it measures
 `torch.cuda.max_memory_allocated` plus the fixed CUDA context instead.

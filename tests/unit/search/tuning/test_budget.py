@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 
@@ -68,12 +67,27 @@ def test_the_search_leaves_what_the_final_stage_needs_capped_at_its_share():
     assert final_reserve(fast + [Measured(0.1, 500.0, 10.0)], **kw) == pytest.approx(need)
 
 
-def test_a_final_run_stops_after_the_last_epoch_that_fits_the_deadline(one_thread):
+class _Clock:
+    """A clock that moves 0.25 s each time it is read, so that an epoch 'takes' 0.25 s whatever the machine."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def time(self) -> float:
+        self.now += 0.25
+        return self.now
+
+
+def test_a_final_run_stops_after_the_last_epoch_that_fits_the_deadline(one_thread, monkeypatch):
+    import search.final_stage.retrain as retrain_module
+
     data = without_test(make_demo(n_train=60, n_val=20, n_test=20, seed=0))
     config = TrialConfig.from_dict({"arch": "convnet", "width": 8, "depth": 2, "lr": 0.01, "batch_size": 32})
-    started = time.time()
-    out = retrain(config, data, epochs=50, seed=1, ttas=["none"], deadline=time.time() + 1.0)
-    assert out["stopped_early"] and 1 <= len(out["history"]) < 50
-    assert time.time() - started < 50  # stopped by the deadline, not by running all 50 epochs
-    full = retrain(config, data, epochs=2, seed=1, ttas=["none"], deadline=time.time() + 3600)
+    clock = _Clock()
+    monkeypatch.setattr(retrain_module, "time", clock)
+    # Epoch 1 reads the clock at 1000.25 and 1000.5; before epoch 2 it reads 1000.75 (+0.25 fits 1001.25);
+    # epoch 2 ends at 1001.25; before epoch 3, 1001.5 + 0.25 is past the deadline.
+    out = retrain(config, data, epochs=50, seed=1, ttas=["none"], deadline=clock.now + 1.25)
+    assert out["stopped_early"] and len(out["history"]) == 2
+    full = retrain(config, data, epochs=2, seed=1, ttas=["none"], deadline=clock.now + 3600)
     assert not full["stopped_early"] and len(full["history"]) == 2

@@ -22,7 +22,7 @@ from search.tuning.cli import Parser, run_cli
 from search.tuning.cluster import memory_limits, start_ray, tolerate_lost_workers, trial_request, trial_resources
 from search.tuning.records import UNFINISHED, TrialRecord, trials_table, write_trials_csv
 from search.tuning.settings import Settings, parse_settings, settings_parser
-from search.tuning.storage import TUNE_DIR, experiment_root, tune_location, tune_started
+from search.tuning.storage import TUNE_DIR, experiment_root, resolve, tune_location, tune_started
 from search.tuning.study import STUDY_NAME, resume_into, settle_finished
 from search.tuning.warm_start import StudySeed, prepared_storage, study_seed
 from spaces import archs_of, get_space
@@ -129,7 +129,7 @@ def startup_trials(num_samples: int) -> int:
 
 def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurrent: int, writer, *,
                 offer_weights: bool = False, study: StudySeed | None = None, stoppers: Sequence = (),
-                callbacks: Sequence = (), reuse_actors: bool = False):
+                callbacks: Sequence = (), reuse_actors: bool = True):
     """The Tuner: OptunaSearch (TPE or random, seeded) + ASHA or FIFO, or the restored one with --resume.
 
     `study` is what the study starts from (`seed_study`, made here when not given); the study itself
@@ -137,9 +137,11 @@ def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurre
     Tune stoppers besides the time budget's (the benchmarks stop at a number of trial epochs), and
     `callbacks` Tune callbacks besides `writer` (the benchmarks' timelines).
     `reuse_actors`: a finished trial's worker process runs the next trial with the same resource
-    request, instead of a new process importing PyTorch again (benchmarks/overhead.py measures
-    both). Off by default: with it, a retried trial's fault-injection record landed in another
-    trial's folder (tests/e2e/test_reliability.py), which is not understood yet.
+    request (Tune keys its cached workers by the request, so a trial that needs more memory gets a
+    worker of its own), instead of a new process importing PyTorch again (benchmarks/overhead.py
+    measures both). The trainable keeps nothing in the process between trials
+    (`trainables.tune_trainable.train_fer`); tests/e2e/test_reliability.py runs failing, retried,
+    diverging and normal trials through reused workers.
     """
     import optuna
     from ray import tune
@@ -157,11 +159,13 @@ def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurre
     request = partial(trial_request, cpus=resources["cpu"], gpus=resources["gpu"], limits=limits,
                       num_classes=data.num_classes)
     rungs = asha_rungs(s)
+    storage = experiment_root(exp, s.storage)  # --storage URI, or results/<name>
+    fs, tune_path = resolve(tune_location(exp, s.storage))
     trainable = tune.with_resources(
         tune.with_parameters(train_fer, data=data, max_epochs=s.max_epochs, seed=s.seed,
                              checkpoint_epochs=rungs, range_test_epochs=rungs[0],
-                             threads=s.cpus_per_trial, memory_limit=limits), request)
-    storage = experiment_root(exp, s.storage)  # --storage URI, or results/<name>
+                             threads=s.cpus_per_trial, memory_limit=limits,
+                             trial_root=tune_path if fs.type_name == "local" else None), request)
     if s.resume:
         resume_into(exp)  # the study's mirror follows the experiment folder, wherever it is now
         # Finished trials (errored ones included) stay as they are; unfinished ones continue.

@@ -38,6 +38,7 @@ def _injections(name: str, config: dict, epoch: int) -> list[tuple[str, str]]:
 def inject_faults(config: dict, epoch: int, run, trial_dir: str) -> None:
     """Apply the hooks that match this trial at the start of `epoch` (no-op when none is set)."""
     for spec, arg in _injections("FER_INJECT_FAILURE", config, epoch):
+        os.makedirs(trial_dir, exist_ok=True)
         marker = os.path.join(trial_dir, "injected_failures")  # counts survive retries
         failed = int(open(marker).read() or 0) if os.path.exists(marker) else 0
         limit = 1 if arg == "once" else int(arg) if arg else math.inf

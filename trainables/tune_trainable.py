@@ -47,14 +47,32 @@ def checkpoint_due(epoch: int, save_cost: float | None, unsaved: float, checkpoi
     return save_cost is None or epoch in checkpoint_epochs or save_cost <= CHECKPOINT_SHARE * unsaved
 
 
+def trial_folder(trial_root: str | None) -> str:
+    """This trial's own folder: `<trial_root>/trial_<id>` (the experiment's, the same for every attempt
+    of the trial on any worker process), or Ray's trial directory where no local root is known.
+
+    Not `tune.get_context().get_trial_dir()` alone: Ray gives a trial started in a fresh worker
+    its driver staging folder (synced into the experiment) but one started in a reused worker its
+    working directory (not synced), so what one attempt wrote there the next attempt did not find.
+    """
+    if trial_root:
+        return os.path.join(trial_root, f"trial_{tune.get_context().get_trial_id()}")
+    return tune.get_context().get_trial_dir()
+
+
 def train_fer(config: dict, *, data: FERData, max_epochs: int, seed: int, threads: int = 1,
               checkpoint_epochs: Sequence[int] = (), range_test_epochs: int | None = None,
-              memory_limit: dict[str, float] | None = None) -> None:
+              memory_limit: dict[str, float] | None = None, trial_root: str | None = None) -> None:
     """Train one trial: report PublicTest metrics after every epoch, with a checkpoint when one is due.
 
     The search objective (`trainables.metrics.METRIC`) is the best PublicTest accuracy so far;
     a trial whose loss diverges reports the accuracy of the model it diverged to instead, so
     neither ASHA nor Optuna credits it with the accuracy it had before blowing up.
+
+    Everything a trial uses is built here from its arguments (model, data views, generators
+    seeded from `seed`, threads, the checkpoint it resumes from), never kept in the worker
+    process, so a worker Tune reuses for the next trial (`reuse_actors`) starts it clean.
+    `trial_root` is the experiment's local trial folder root (see `trial_folder`).
     """
     torch.set_num_threads(max(1, threads))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -82,7 +100,7 @@ def train_fer(config: dict, *, data: FERData, max_epochs: int, seed: int, thread
     timing = {"setup_seconds": time.perf_counter() - start - float(state["metrics"]["seconds"] if state else 0.0),
               "work_seconds": 0.0, "checkpoint_seconds": 0.0}
     while run.epoch < max_epochs:
-        inject_faults(config, run.epoch, run, tune.get_context().get_trial_dir())
+        inject_faults(config, run.epoch, run, trial_folder(trial_root))
         epoch_start = time.perf_counter()
         try:
             metrics = run_epoch(run)

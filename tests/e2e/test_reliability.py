@@ -87,6 +87,33 @@ def test_failing_and_diverging_trials_do_not_stop_the_search(tmp_path):
     # failed study trial, without a value.
     values = sorted(t.value for t in _study_trials(exp) if t.state.name == "COMPLETE")
     assert values == sorted(df[df["status"] != "ERROR"]["objective"]) and all(math.isfinite(v) for v in values)
+    _each_trial_kept_its_own(exp, df)
+
+
+def _each_trial_kept_its_own(exp: Path, df) -> None:
+    """Worker processes were reused (reuse_actors, the default), and everything a trial left is its own:
+    its checkpoint holds its configuration, its folder a failure marker only where the hook matches it,
+    and a reused worker only ever ran trials with one resource request (memory included)."""
+    import torch
+
+    from search.tuning.cluster import trial_request
+
+    ran: dict[int, set[str]] = {}
+    for _, row in df.iterrows():
+        trial_dir = exp / "tune" / f"trial_{row['trial_id']}"
+        for result in _results(trial_dir):
+            ran.setdefault(result["pid"], set()).add(row["trial_id"])
+        state = torch.load(max(trial_dir.glob("checkpoint_*")) / "run.pt", weights_only=True)
+        for key in ("optimizer", "batch_size", "augment", "width"):
+            assert state["config"][key] == row[f"config/{key}"], (row["trial_id"], key)
+        assert (trial_dir / "injected_failures").exists() == (row["config/optimizer"] in {"sgd", "adam"})
+    shared = [tids for tids in ran.values() if len(tids) > 1]
+    assert shared, ran  # some worker ran more than one trial
+    params = {tid: json.loads((exp / "tune" / f"trial_{tid}" / "params.json").read_text()) for tid in df["trial_id"]}
+    limits = {"cpu": 16 * 2**30}
+    for tids in shared:
+        requests = {str(trial_request(params[t], cpus=1, gpus=0, limits=limits, num_classes=7).bundles) for t in tids}
+        assert len(requests) == 1, (tids, requests)
 
 
 def _start(args, env: dict | None = None):

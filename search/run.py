@@ -20,7 +20,7 @@ from search.reporting.page import report_at_end
 from search.tuning.budget import Clock, SearchBudget, TimeSplit, command_started, search_budget, set_active
 from search.tuning.cli import Parser, run_cli
 from search.tuning.cluster import memory_limits, start_ray, tolerate_lost_workers, trial_request, trial_resources
-from search.tuning.records import UNFINISHED, TrialRecord, trials_table, write_trials_csv
+from search.tuning.records import UNFINISHED, TrialRecord, schedule_in_epochs, trials_table, write_trials_csv
 from search.tuning.settings import Settings, parse_settings, settings_parser
 from search.tuning.storage import TUNE_DIR, experiment_root, resolve, tune_location, tune_started
 from search.tuning.study import STUDY_NAME, resume_into, settle_finished
@@ -72,6 +72,10 @@ def check_resume_settings(s: Settings) -> None:
     if not path.exists():
         return
     before = Settings.from_json(path.read_text())
+    if schedule_in_epochs(s.experiment_dir, s.storage):
+        raise UserError(f"{s.experiment_dir} is from an older version (schedule settings in epochs) and cannot "
+                        f"be resumed; start a new search, e.g. with --warm-start {s.experiment_dir}, which "
+                        f"replays its trials")
     changed = [f"--{f.replace('_', '-')} {getattr(before, f)} (now {getattr(s, f)})"
                for f in SEARCH_FIELDS if getattr(before, f) != getattr(s, f)]
     if changed:

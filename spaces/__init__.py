@@ -34,12 +34,13 @@ def _training(trial, *, ferplus: bool = False) -> dict[str, Any]:
     trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
     trial.suggest_categorical("batch_size", [32, 64, 128, 256])
     schedule = trial.suggest_categorical("schedule", SCHEDULES)
-    trial.suggest_float("warmup_epochs", 0.0, 3.0)
+    # Fractions of the run (trainables.optim.Schedule): a trial and its longer final run share one shape.
+    trial.suggest_float("warmup_fraction", 0.0, 0.3)
     if schedule == "step":
-        trial.suggest_int("step_epochs", 2, 20)
+        trial.suggest_float("step_fraction", 0.15, 0.5)
         trial.suggest_float("step_gamma", 0.05, 0.5, log=True)
     elif schedule == "plateau":
-        trial.suggest_int("plateau_patience", 1, 5)
+        trial.suggest_float("patience_fraction", 0.05, 0.3)
         trial.suggest_float("plateau_factor", 0.1, 0.5)
     augment = trial.suggest_categorical("augment", AUGMENTS)
     if augment in MAGNITUDE_AUGMENTS:  # the others have no strength to tune

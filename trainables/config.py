@@ -18,6 +18,24 @@ from trainables.errors import UserError
 # Keys a space suggests only to branch (which family, which architecture of a family); the
 # architecture itself reaches the config as `arch`, so these carry nothing for training.
 OPTUNA_ONLY = ("family", "convnet_arch", "resnet_arch", "densenet_arch")
+# Schedule settings of older experiments, in epochs, and the fraction of the run each became.
+EPOCH_SETTINGS = {"warmup_epochs": "warmup_fraction", "step_epochs": "step_fraction",
+                  "plateau_patience": "patience_fraction"}
+
+
+def in_epochs(values: Mapping[str, Any]) -> list[str]:
+    """The schedule settings of `values` that are in epochs (an experiment from an older version)."""
+    return [k for k in EPOCH_SETTINGS if k in values]
+
+
+def as_fractions(values: Mapping[str, Any], epochs: int) -> dict[str, Any]:
+    """An older config's schedule settings in epochs, as fractions of its `epochs`-epoch run (the same
+    shape that run had); a config without them unchanged."""
+    out = {k: v for k, v in values.items() if k not in EPOCH_SETTINGS}
+    for old, new in EPOCH_SETTINGS.items():
+        if old in values and values[old] == values[old]:  # NaN: the trial's schedule did not use it
+            out[new] = float(values[old]) / max(1, int(epochs))
+    return out
 
 
 @dataclass(frozen=True)
@@ -41,10 +59,11 @@ class TrialConfig:
     weight_decay: float = 5e-4
     batch_size: int = 64
     schedule: str = "cosine"           # a key of trainables.optim.SCHEDULES
-    warmup_epochs: float = 0.0         # linear warm-up, in epochs
-    step_epochs: int = 10              # schedule=step: epochs between cuts
+    # The schedule's settings are fractions of the run, so a trial and a longer final run share one shape.
+    warmup_fraction: float = 0.0       # linear warm-up, as a share of the run (onecycle: 0 means 0.3)
+    step_fraction: float = 0.25        # schedule=step: a cut every this share of the run
     step_gamma: float = 0.1            # schedule=step: factor of each cut
-    plateau_patience: int = 2          # schedule=plateau: epochs without a new best before a cut
+    patience_fraction: float = 0.2     # schedule=plateau: a share of the run's epochs without a new best
     plateau_factor: float = 0.3        # schedule=plateau: factor of each cut
     # data
     augment: str = "flip_crop"         # a key of trainables.augment.POLICIES
@@ -58,6 +77,10 @@ class TrialConfig:
     def from_dict(cls, values: Mapping[str, Any]) -> "TrialConfig":
         """Build a config from a space's (or Tune's, or a weights file's) dict; see the module doc."""
         known = {f.name: f for f in dataclasses.fields(cls)}
+        if in_epochs(values):
+            raise UserError(f"schedule settings in epochs ({', '.join(in_epochs(values))}) are from an older "
+                            f"version, where they are fractions of the run "
+                            f"({', '.join(EPOCH_SETTINGS[k] for k in in_epochs(values))})")
         unknown = sorted(k for k in values if k not in known and k not in OPTUNA_ONLY)
         if unknown:
             raise UserError(f"unknown hyperparameter(s) {', '.join(map(repr, unknown))} in a trial config; "

@@ -53,8 +53,9 @@ def _onecycle(t: float, s: "Schedule") -> float:
 
 
 def _step(t: float, s: "Schedule") -> float:
-    epoch = s.step_count / s.steps_per_epoch
-    return s.step_gamma ** int(epoch // max(s.step_epochs, 1))
+    # A cut every `step_fraction` of the run after the warm-up: the same cuts, at the same points of
+    # the run, for a 10-epoch trial and a 40-epoch final run (none at the very last step).
+    return s.step_gamma ** int(min(t, 1.0 - 1e-9) // max(s.step_fraction, 1e-3))
 
 
 def _constant(t: float, s: "Schedule") -> float:
@@ -68,16 +69,21 @@ SCHEDULES: dict[str, Callable[[float, "Schedule"], float]] = {
 
 @dataclass
 class Schedule:
-    """Per-step learning-rate multiplier with linear warm-up; `plateau` also cuts on stalled PublicTest accuracy."""
+    """Per-step learning-rate multiplier with linear warm-up; `plateau` also cuts on stalled PublicTest accuracy.
+
+    Every setting is a fraction of the run (`warmup_fraction`, `step_fraction`, `patience_fraction`),
+    so one configuration has one shape at any length: the search's 10-epoch trials and the final
+    stage's 40-epoch runs warm up, cut and anneal at the same points of their runs.
+    """
 
     optimizer: torch.optim.Optimizer
     name: str
     epochs: int
     steps_per_epoch: int
-    warmup_epochs: float = 0.0
-    step_epochs: int = 10
+    warmup_fraction: float = 0.0
+    step_fraction: float = 0.25
     step_gamma: float = 0.1
-    plateau_patience: int = 2
+    patience_fraction: float = 0.2
     plateau_factor: float = 0.3
     step_count: int = 0
     plateau_scale: float = 1.0
@@ -95,10 +101,15 @@ class Schedule:
     @property
     def warmup_steps(self) -> int:
         if self.name == "onecycle":  # one-cycle always climbs; 30% of training unless warm-up says otherwise
-            frac = self.warmup_epochs / self.epochs if self.warmup_epochs > 0 else 0.3
+            frac = self.warmup_fraction if self.warmup_fraction > 0 else 0.3
             return max(1, int(min(max(frac, 0.05), 0.5) * self.total_steps))
-        # Capped at half of training: a long warm-up on a short run would never reach the schedule.
-        return min(int(self.warmup_epochs * self.steps_per_epoch), self.total_steps // 2)
+        # Capped at half of training: a warm-up that long would leave the schedule nothing.
+        return int(min(max(self.warmup_fraction, 0.0), 0.5) * self.total_steps)
+
+    @property
+    def plateau_patience(self) -> int:
+        """Epochs without a new best before a cut: `patience_fraction` of the run, at least one."""
+        return max(1, round(self.patience_fraction * self.epochs))
 
     @property
     def total_steps(self) -> int:

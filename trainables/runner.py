@@ -145,8 +145,9 @@ def build_run(config: TrialConfig | Mapping[str, Any], data: FERData, *, epochs:
                                 momentum=cfg.momentum)
     steps_per_epoch = max(1, math.ceil(len(train) / cfg.batch_size))
     schedule = Schedule(optimizer, cfg.schedule, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                        warmup_epochs=cfg.warmup_epochs, step_epochs=cfg.step_epochs, step_gamma=cfg.step_gamma,
-                        plateau_patience=cfg.plateau_patience, plateau_factor=cfg.plateau_factor)
+                        warmup_fraction=cfg.warmup_fraction, step_fraction=cfg.step_fraction,
+                        step_gamma=cfg.step_gamma, patience_fraction=cfg.patience_fraction,
+                        plateau_factor=cfg.plateau_factor)
     run = Run(config=cfg, model=model, optimizer=optimizer, schedule=schedule, augment=augment,
               train=train, val=val, device=device, class_weights=class_weights,
               sample_weights=sample_weights, generator=generator, epochs=epochs, found_lr=found_lr,

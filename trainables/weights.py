@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from trainables.config import TrialConfig
+from trainables.config import TrialConfig, as_fractions
 from trainables.errors import UserError, first_line
 from trainables.files import atomic_path, write_text
 from trainables.runner import model_from_config
@@ -49,6 +49,8 @@ def read_weights(path: str | os.PathLike) -> dict:
     missing = [k for k in WEIGHTS_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise UserError(f"{path} is not a weights file from search.final (missing {', '.join(missing)})")
+    # An older file's schedule settings in epochs, as fractions of the run that trained it.
+    ckpt["config"] = as_fractions(ckpt["config"], len(ckpt.get("history") or []) or 1)
     return ckpt
 
 

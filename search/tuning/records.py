@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from search.tuning.storage import read_text, resolve, tune_location, tune_started
+from trainables.config import as_fractions, in_epochs
 from trainables.errors import last_line
 from trainables.files import write_csv
 from trainables.metrics import METRIC
@@ -105,7 +106,21 @@ def load_trials(experiment_dir: Path, max_epochs: int, storage: str = "") -> lis
     if not tune_started(experiment_dir, storage):
         return []
     fs, path = resolve(tune_location(experiment_dir, storage))
-    return records_of(ExperimentAnalysis(path, storage_filesystem=fs).trials, max_epochs)
+    trials = ExperimentAnalysis(path, storage_filesystem=fs).trials
+    if any(in_epochs(t.config) for t in trials):
+        print(f"note: {experiment_dir} is from an older version, with schedule settings in epochs; its "
+              f"configurations are read with them as fractions of its {max_epochs}-epoch trials (the same shape)")
+    return records_of(trials, max_epochs)
+
+
+def schedule_in_epochs(experiment_dir: Path, storage: str = "") -> bool:
+    """Whether the experiment's trials were configured with schedule settings in epochs (an older version)."""
+    from ray.tune import ExperimentAnalysis
+
+    if not tune_started(experiment_dir, storage):
+        return False
+    fs, path = resolve(tune_location(experiment_dir, storage))
+    return any(in_epochs(t.config) for t in ExperimentAnalysis(path, storage_filesystem=fs).trials)
 
 
 def records_of(trials, max_epochs: int, *, ray_status: dict[str, str] | None = None) -> list[TrialRecord]:
@@ -131,7 +146,7 @@ def records_of(trials, max_epochs: int, *, ray_status: dict[str, str] | None = N
             **{name: last.get(name, default) for name, default in REPORTED.items()},
             epoch_seconds=last.get("time_this_iter_s", math.nan),
             error=_error_text(trial) if status == "ERROR" else last.get("error", ""),
-            config=dict(trial.config)))
+            config=as_fractions(trial.config, max_epochs)))
     return sorted(records, key=lambda r: -r.objective if math.isfinite(r.objective) else math.inf)
 
 

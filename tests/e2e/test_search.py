@@ -190,6 +190,40 @@ def test_resume_refuses_changed_search_flags(demo_experiment, capsys, flag, valu
 
 
 @pytest.mark.slow
+def test_an_older_experiment_with_schedules_in_epochs(demo_experiment, tmp_path, capsys):
+    """An experiment from before schedule settings became fractions of the run (its Tune state rewritten
+    to the old names): --resume refuses it in one line; its trials are read as fractions of its 3-epoch
+    trials, with a note, and seed a new search's sampler through --warm-start."""
+    import shutil
+
+    from search.run import main
+    from search.tuning.records import load_trials
+    from search.tuning.warm_start import study_seed
+
+    exp = tmp_path / "demo"
+    shutil.copytree(demo_experiment[0], exp)
+    for state in (exp / "tune").glob("experiment_state-*.json"):
+        text = state.read_text().replace("warmup_fraction", "warmup_epochs").replace("patience_fraction",
+                                                                                      "plateau_patience")
+        state.write_text(text)
+    before = (exp / "trials.csv").read_text()
+    args = ["--space", "convnet", "--data", "demo", "--num-samples", str(N_DEMO), "--max-epochs", "3",
+            "--grace-epochs", "1", "--train-fraction", "0.5", "--seed", "43", "--results", str(tmp_path),
+            "--name", "demo", "--no-final", "--resume"]
+    assert run_cli(main, args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "older version (schedule settings in epochs)" in err and "\n" not in err
+    assert (exp / "trials.csv").read_text() == before
+    records = load_trials(exp, max_epochs=3)
+    assert "is from an older version, with schedule settings in epochs" in capsys.readouterr().out
+    plateau = [r.config for r in records if r.config.get("schedule") == "plateau"]
+    assert plateau and all("plateau_patience" not in c and "patience_fraction" in c for c in plateau)
+    assert all("warmup_epochs" not in r.config and "warmup_fraction" in r.config for r in records)
+    seed = study_seed("convnet", ferplus=False, offer_weights=False, warm_start=str(exp), use_known_good=False)
+    assert len(seed.trials) >= 1 and all("warmup_fraction" in t.params for t in seed.trials)
+
+
+@pytest.mark.slow
 def test_quick_start_path_with_time_budget_random_searcher_and_final_stage(tmp_path):
     """The path of the README's quick start: the final stage runs inside the search's own Ray instance.
 

@@ -68,7 +68,7 @@ def test_pretrained_only_when_allowed():
 def test_fixed_trial_gives_constants():
     params = {"resnet_arch": "resnet34", "stem": "keep", "dropout": 0.1, "optimizer": "adamw",
               "lr_mode": "searched", "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 64, "schedule": "step",
-              "warmup_epochs": 1.0, "step_epochs": 5, "step_gamma": 0.1, "augment": "mixup",
+              "warmup_fraction": 0.1, "step_fraction": 0.25, "step_gamma": 0.1, "augment": "mixup",
               "aug_magnitude": 0.5, "mix_alpha": 0.4, "label_smoothing": 0.1, "imbalance": "weighted_loss"}
     out = SPACES["resnet"](optuna.trial.FixedTrial(params))
     assert out["arch"] == "resnet34" and out["pretrained"] is False

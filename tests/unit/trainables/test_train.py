@@ -34,7 +34,7 @@ def _trace(name, epochs=4, steps=5, **kw):
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
 def test_every_schedule_warms_up_linearly(name):
-    lrs = _trace(name, warmup_epochs=1.0)
+    lrs = _trace(name, warmup_fraction=0.25)
     start = 1 / 25 if name == "onecycle" else 0.0
     assert lrs[0] == pytest.approx(start + (1 - start) / 5, rel=1e-6)  # one epoch = 5 steps of warm-up
     assert all(b >= a - 1e-12 for a, b in zip(lrs[:4], lrs[1:5]))  # rising during warm-up
@@ -47,18 +47,38 @@ def test_schedule_shapes():
     one = _trace("onecycle")
     peak = one.index(max(one))
     assert 0 < peak < len(one) - 1 and one[0] == pytest.approx(1 / 25 + (1 - 1 / 25) / 6) and one[-1] < 1e-3
-    step = _trace("step", step_epochs=2, step_gamma=0.1)
-    assert step[9] == 1.0 and step[10] == pytest.approx(0.1) and step[20] == pytest.approx(0.01)
+    step = _trace("step", step_fraction=0.25, step_gamma=0.1)  # cuts a quarter, half and three quarters in
+    assert step[4] == 1.0 and step[5] == pytest.approx(0.1) and step[10] == pytest.approx(0.01)
+    assert step[15] == step[20] == pytest.approx(0.001)  # no fourth cut at the very end
     assert set(_trace("constant")) == {1.0}
-    plateau = _trace("plateau", plateau_patience=1, plateau_factor=0.5)
+    plateau = _trace("plateau", patience_fraction=0.25, plateau_factor=0.5)  # 1 of the 4 epochs
     # Epoch 1 sets the best; each later flat epoch is one without improvement: cut after each.
     assert plateau[:10] == [1.0] * 10 and plateau[10] == 0.5 and plateau[-1] == 0.125
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_a_schedule_has_one_shape_at_any_length(name):
+    """The search's 10-epoch trial on 30% of Training and the final stage's 40-epoch run on all of it:
+    at the same point of the run, the same multiplier. In epochs, a cut every 3 epochs (gamma 0.1) gave
+    the trial 3 cuts and the final run 13 (28 of its 40 epochs at <= 1e-4 of the peak)."""
+    kw = dict(warmup_fraction=0.1, step_fraction=0.3, step_gamma=0.1, patience_fraction=0.2, plateau_factor=0.5)
+    trial, final = _trace(name, epochs=10, steps=7, **kw), _trace(name, epochs=40, steps=23, **kw)
+    for point in (0.2, 0.35, 0.5, 0.65, 0.95):
+        a, b = trial[round(point * (len(trial) - 1))], final[round(point * (len(final) - 1))]
+        assert a == pytest.approx(b, rel=0.15, abs=0.01), (point, a, b)
+    peak = [lrs.index(max(lrs)) / (len(lrs) - 1) for lrs in (trial, final)]  # where the warm-up ends
+    assert peak[0] == pytest.approx(peak[1], abs=1.5 / 70), peak
+    if name == "step":
+        assert min(trial) == min(final) == pytest.approx(1e-3)  # three cuts each
+    if name == "plateau":  # flat accuracy: a cut every 2 of 10 epochs, every 8 of 40
+        assert trial[-1] == pytest.approx(final[-1]) == 0.5 ** 4
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
 def test_schedule_state_round_trip(name):
     """A schedule restored mid-run (after warm-up steps and a plateau cut) continues exactly as the original."""
-    kw = dict(epochs=4, steps_per_epoch=4, warmup_epochs=1, step_epochs=1, step_gamma=0.5, plateau_patience=1,
+    kw = dict(epochs=4, steps_per_epoch=4, warmup_fraction=0.25, step_fraction=0.25, step_gamma=0.5,
+              patience_fraction=0.25,
               plateau_factor=0.5)
     s = Schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), name, **kw)
     for step in range(9):
@@ -241,7 +261,7 @@ def test_weighted_loss_matches_hard_label_semantics():
 def test_plateau_does_not_count_warm_up_epochs():
     # Two warm-up epochs of flat accuracy, patience 1: without the rule both would count, and a
     # cut would land the moment the warm-up ends.
-    lrs = _trace("plateau", epochs=5, steps=4, warmup_epochs=2, plateau_patience=1, plateau_factor=0.5)
+    lrs = _trace("plateau", epochs=5, steps=4, warmup_fraction=0.4, patience_fraction=0.2, plateau_factor=0.5)
     assert lrs[8] == pytest.approx(1.0)  # the first step after the warm-up: full rate, no cut yet
     assert lrs[12] == pytest.approx(0.5)  # one flat epoch after the warm-up: the first cut
 

@@ -11,6 +11,7 @@ import dataclasses
 import os
 import sys
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -131,6 +132,17 @@ def startup_trials(num_samples: int) -> int:
     return max(3, min(10, num_samples // 5))
 
 
+def tpe_sampler(seed: int, n_startup_trials: int):
+    """TPE that models the parameters jointly (`multivariate`) and per branch of the space (`group`):
+    an SGD trial's rate is modelled from SGD trials only, and its schedule's settings with the schedule
+    that has them, rather than each parameter alone over every trial that happened to draw it."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # both options are "experimental"
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials, multivariate=True, group=True)
+
+
 def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurrent: int, writer, *,
                 offer_weights: bool = False, study: StudySeed | None = None, stoppers: Sequence = (),
                 callbacks: Sequence = (), reuse_actors: bool = True):
@@ -176,8 +188,8 @@ def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurre
         return tune.Tuner.restore(tune_location(exp, s.storage), trainable, resume_unfinished=True,
                                   resume_errored=False)
     space = partial(get_space(s.space), ferplus=s.labels == "ferplus", offer_weights=offer_weights)
-    sampler = (optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=startup_trials(s.num_samples))
-               if s.searcher == "optuna" else optuna.samplers.RandomSampler(seed=s.seed))
+    sampler = (tpe_sampler(s.seed, startup_trials(s.num_samples)) if s.searcher == "optuna"
+               else optuna.samplers.RandomSampler(seed=s.seed))
     study_db = prepared_storage(exp, study or seed_study(s, offer_weights))
     searcher = ConcurrencyLimiter(TrackedOptunaSearch(space=space, metric=METRIC, mode=MODE, sampler=sampler,
                                                       storage=study_db, study_name=STUDY_NAME),

@@ -22,16 +22,47 @@ MAGNITUDE_AUGMENTS = ("strong", "randaugment", "trivialaugment")
 SCHEDULES = ["cosine", "onecycle", "step", "plateau", "constant"]
 
 
+# Each optimizer's rate and decay under a name of its own, where its good values lie, so that the
+# sampler never pools one optimizer's good values with another's (TPE would pull SGD's rates to
+# the bottom of SGD's range after good Adam trials, and vice versa); the space returns them as
+# `lr` and `weight_decay`, what the trainable reads. SGD's and Adam's decay is an L2 penalty
+# (good near 1e-5..1e-3); AdamW's is decoupled from the gradient (Loshchilov & Hutter, "Decoupled
+# Weight Decay Regularization", ICLR 2019) and works at 1e-2..1e-1 (PyTorch's default 1e-2).
+LR_RANGES = {"sgd_lr": (1e-3, 0.3), "adam_lr": (1e-4, 1e-2)}
+DECAY_RANGES = {"weight_decay": (1e-6, 1e-2), "adamw_weight_decay": (1e-3, 0.3)}
+
+
+def lr_name(optimizer: str) -> str:
+    """The Optuna parameter that holds `optimizer`'s searched rate."""
+    return "sgd_lr" if optimizer == "sgd" else "adam_lr"
+
+
+def decay_name(optimizer: str) -> str:
+    """The Optuna parameter that holds `optimizer`'s weight decay."""
+    return "adamw_weight_decay" if optimizer == "adamw" else "weight_decay"
+
+
+def with_optuna_names(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` with its rate and decay also under the space's per-optimizer names, for replaying a
+    config written with `lr` and `weight_decay` (a known-good recipe, an older experiment's trial)."""
+    out = dict(config)
+    optimizer = out.get("optimizer")
+    if optimizer in ("sgd", "adam", "adamw"):
+        if "lr" in out and out.get("lr_mode", "searched") == "searched":
+            out.setdefault(lr_name(optimizer), out["lr"])
+        if "weight_decay" in out:
+            out.setdefault(decay_name(optimizer), out["weight_decay"])
+    return out
+
+
 def _training(trial, *, ferplus: bool = False) -> dict[str, Any]:
     """Dimensions every family shares: optimizer, LR, schedule, augmentation, loss and sampling."""
     optimizer = trial.suggest_categorical("optimizer", ["sgd", "adam", "adamw"])
     lr_mode = trial.suggest_categorical("lr_mode", ["searched", "range_test"])
+    out: dict[str, Any] = {}
     if lr_mode == "searched":
-        if optimizer == "sgd":
-            trial.suggest_float("lr", 1e-3, 0.3, log=True)
-        else:
-            trial.suggest_float("lr", 1e-4, 1e-2, log=True)
-    trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
+        out["lr"] = trial.suggest_float(lr_name(optimizer), *LR_RANGES[lr_name(optimizer)], log=True)
+    out["weight_decay"] = trial.suggest_float(decay_name(optimizer), *DECAY_RANGES[decay_name(optimizer)], log=True)
     trial.suggest_categorical("batch_size", [32, 64, 128, 256])
     schedule = trial.suggest_categorical("schedule", SCHEDULES)
     # Fractions of the run (trainables.optim.Schedule): a trial and its longer final run share one shape.
@@ -51,7 +82,7 @@ def _training(trial, *, ferplus: bool = False) -> dict[str, Any]:
     trial.suggest_categorical("imbalance", ["none", "weighted_loss", "balanced_sampler"])
     if ferplus:  # FER+ votes can be the training target instead of the majority label
         trial.suggest_categorical("soft_labels", [False, True])
-    return {}
+    return out
 
 
 def _arch(trial, family: str) -> str:

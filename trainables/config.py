@@ -17,7 +17,9 @@ from trainables.errors import UserError
 
 # Keys a space suggests only to branch (which family, which architecture of a family); the
 # architecture itself reaches the config as `arch`, so these carry nothing for training.
-OPTUNA_ONLY = ("family", "convnet_arch", "resnet_arch", "densenet_arch")
+# The same holds for the per-optimizer names of the rate and AdamW's decay (see `spaces`): the space
+# returns their value as `lr` and `weight_decay`.
+OPTUNA_ONLY = ("family", "convnet_arch", "resnet_arch", "densenet_arch", "sgd_lr", "adam_lr", "adamw_weight_decay")
 # Schedule settings of older experiments, in epochs, and the fraction of the run each became.
 EPOCH_SETTINGS = {"warmup_epochs": "warmup_fraction", "step_epochs": "step_fraction",
                   "plateau_patience": "patience_fraction"}

@@ -17,7 +17,7 @@ from search.tuning.records import TrialRecord
 from search.tuning.settings import Settings
 from search.tuning.study import STUDY_FILE, STUDY_NAME, load_study
 from search.tuning.warm_start import KNOWN_GOOD, StudySeed, known_good, prepared_storage, replay, study_seed
-from spaces import convnet, get_space
+from spaces import convnet, get_space, lr_name, with_optuna_names
 from tests.helpers import ROOT
 from trainables.errors import UserError
 
@@ -88,8 +88,9 @@ def test_every_known_good_configuration_fits_its_space_as_written(space_name, fe
     configs = known_good(space_name, space)
     assert len(configs) == len(KNOWN_GOOD[space_name]) >= 1
     for params, written in zip(configs, KNOWN_GOOD[space_name]):
-        assert params == {k: written[k] for k in params}  # every value the space draws, exactly as written
-        assert params["lr_mode"] == "searched" and "lr" in params
+        as_written = with_optuna_names(written)  # `lr` and `weight_decay` also under the optimizer's own names
+        assert params == {k: as_written[k] for k in params}  # every value the space draws, exactly as written
+        assert params["lr_mode"] == "searched" and params[lr_name(written["optimizer"])] == written["lr"]
         # Weights and FER+ votes are declined where the space offers them.
         assert params.get("pretrained", False) is False and params.get("soft_labels", False) is False
         assert ("soft_labels" in params) == ferplus
@@ -151,7 +152,8 @@ def test_warm_start_keeps_the_finished_trials_that_fit_and_says_how_many(earlier
     assert [t.user_attrs["warm_start"] for t in seed.trials] == ["old/a", "old/b", "old/c"]
     assert [t.value for t in seed.trials] == [0.6, 0.4, 0.3]
     assert all(t.state == TrialState.COMPLETE for t in seed.trials)
-    assert seed.trials[1].params == {k: (0.1 if k == "dropout" else GOOD[k]) for k in seed.trials[1].params}
+    good = with_optuna_names(GOOD)
+    assert seed.trials[1].params == {k: (0.1 if k == "dropout" else good[k]) for k in seed.trials[1].params}
     assert "family" not in seed.trials[0].params  # the convnet space draws no family
     assert seed.notes[0] == (
         f"warm start: 3 of 5 finished trials of {exp} (space all) seed the sampler; 2 do not fit the space "

@@ -129,6 +129,12 @@ class Schedule:
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * f
 
+    def replan(self, epochs: int) -> None:
+        """Make the run `epochs` long from here on: the settings being fractions of the run, what is left of
+        the warm-up, cuts and annealing happens over the shorter run (the final stage under a time budget)."""
+        self.epochs = epochs
+        self._apply()
+
     def step_batch(self) -> None:
         """Advance one optimizer step."""
         self.step_count += 1

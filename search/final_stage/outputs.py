@@ -58,7 +58,9 @@ measured once on {test_name}, which the search never read. TTA modes: {', '.join
   model's PublicTest accuracy, `search_val_acc` the trial's during the search;
   `accuracy_dedup` leaves out the `n_duplicates` {test_name} images pixel-identical to a
   Training image (`n_dup_training`) or a PublicTest image (`n_dup_publictest`, the split that
-  chose the models); F-beta uses beta={s.beta:g}.
+  chose the models); F-beta uses beta={s.beta:g}. `truncated` marks a run the time budget cut
+  before its schedule ended: it is kept, but the means and ensembles leave it out while any
+  run finished its schedule.
 - `per_class.csv`: precision, recall, F-beta and support per class, per model and TTA mode.
 - `confusion_matrix.csv` / `.png`, `confused_pairs.csv`, `misclassified.csv` / `.png`: error
   analysis of **{model}**, the model with the best PublicTest accuracy without TTA; the pairs

@@ -42,6 +42,9 @@ class FinalRun:
     best_epoch: int
     val_acc: float
     val_probs: dict[str, np.ndarray]  # per TTA mode, of the kept weights
+    # Cut by the deadline before its schedule ended (never annealed): kept and marked in metrics.csv,
+    # left out of the ensembles and the seed means while any run finished its schedule.
+    truncated: bool = False
 
     @property
     def name(self) -> str:
@@ -106,23 +109,38 @@ def retrain(config: TrialConfig, data: FERData, *, epochs: int, seed: int, threa
     here, in parallel, because PublicTest is the task's to read; PrivateTest is not).
     A run that diverges in its first epoch returns `state_dict` None. `trained_on` names
     the splits it was handed; being handed PrivateTest is refused (a bug, not a user error).
-    With `deadline` (a `time.time()` value, from --time-budget) it stops after the last epoch
-    that ends before it (at least one epoch); `stopped_early` says so.
+    With `deadline` (a `time.time()` value, from --time-budget) a run that starts after it trains
+    nothing (`not_started`); after each epoch, when the planned epochs no longer fit at the measured
+    epoch time, the run is re-planned to the epochs that do (`planned_epochs`), and its schedule,
+    whose settings are fractions of the run, still warms up and anneals over that shorter run. A
+    run that still meets the deadline stops after the last epoch that ends before it, mid-schedule:
+    `stopped_early` says so.
     """
     if set(data.splits) - set(SEARCH_SPLITS):
         raise ValueError(f"a retraining run may see only {SEARCH_SPLITS}, got {sorted(data.splits)}")
+    best: dict = {"state_dict": None, "best_epoch": 0, "val_acc": float("nan")}
+    if deadline and time.time() >= deadline:
+        print(f"{label} not started: the time budget has ended", flush=True)
+        return {**best, "history": [], "diverged": "", "val_probs": {}, "trained_on": sorted(data.splits),
+                "stopped_early": False, "not_started": True, "planned_epochs": 0}
     torch.set_num_threads(max(1, threads))
     run = build_run(config, data, epochs=epochs, seed=seed)
     writer = _open_writer(tensorboard_dir)
-    best: dict = {"state_dict": None, "best_epoch": 0, "val_acc": float("nan")}
     history, diverged, stopped_early, epoch_seconds = [], "", False, 0.0
     try:
         while run.epoch < epochs:
-            if deadline and history and time.time() + epoch_seconds > deadline:
-                stopped_early = True
-                print(f"{label} stopped after epoch {run.epoch}/{epochs}: the next would end after the time budget",
-                      flush=True)
-                break
+            if deadline and history:
+                fit = run.epoch + int(max(0.0, deadline - time.time()) // max(epoch_seconds, 1e-6))
+                if run.epoch < fit < epochs:
+                    print(f"{label} re-planned from {epochs} to {fit} epochs: the time budget fits no more at "
+                          f"{epoch_seconds:.1f} s per epoch (the schedule anneals over the shorter run)", flush=True)
+                    epochs = fit
+                    run.schedule.replan(fit)
+                elif fit <= run.epoch:
+                    stopped_early = True
+                    print(f"{label} stopped after epoch {run.epoch}/{epochs}: the next would end after the time "
+                          f"budget", flush=True)
+                    break
             epoch_start = time.time()
             try:
                 metrics = run_epoch(run)
@@ -147,7 +165,8 @@ def retrain(config: TrialConfig, data: FERData, *, epochs: int, seed: int, threa
         run.model.load_state_dict(best["state_dict"])
         val_probs = {tta: predict(run.model, run.val.x, device=run.device, tta=tta).numpy() for tta in ttas}
     return {**best, "history": history, "diverged": diverged, "val_probs": val_probs,
-            "trained_on": sorted(data.splits), "stopped_early": stopped_early}
+            "trained_on": sorted(data.splits), "stopped_early": stopped_early, "not_started": False,
+            "planned_epochs": epochs}
 
 
 # --------------------------------------------------------------------------- every run, in parallel
@@ -225,16 +244,21 @@ def save_run(result: dict, cand: Candidate, seed: int, s: Settings, data: FERDat
     name = run_name(cand.name, seed)
     if result["history"] and not any(board.glob("events.out.tfevents.*")):
         write_scalars(board, result["history"])  # the task ran on another node, whose disk we cannot see
+    if result.get("not_started"):
+        print(f"final run {name}: not started, the time budget had ended; left out", flush=True)
+        return None
     if result["state_dict"] is None:
         print(f"final run {name}: diverged in its first epoch ({result['diverged']}); left out", flush=True)
         return None
     info = {"name": name, "trial_id": cand.trial_id, "seed": seed, "best_epoch": result["best_epoch"],
             "val_acc": result["val_acc"], "search_val_acc": cand.search_val_acc, "labels": s.labels,
             "experiment": s.name, "data_seed": s.seed, "diverged": result["diverged"], "history": result["history"],
-            "trained_on": result["trained_on"],
+            "trained_on": result["trained_on"], "planned_epochs": result.get("planned_epochs", len(result["history"])),
+            "truncated": bool(result.get("stopped_early")),
             # fitted on PublicTest without TTA, as search.predict and the exported models classify
             "temperature": fit_temperature(result["val_probs"]["none"], data.val.y.numpy())}
     path = save_weights(out / "models" / name, result["state_dict"], config=cand.config, classes=data.classes,
                         info=info)
     return FinalRun(candidate=cand, seed=seed, weights=path, best_epoch=int(result["best_epoch"]),
-                    val_acc=float(result["val_acc"]), val_probs=result["val_probs"])
+                    val_acc=float(result["val_acc"]), val_probs=result["val_probs"],
+                    truncated=bool(result.get("stopped_early")))

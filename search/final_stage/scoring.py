@@ -23,7 +23,7 @@ from trainables.weights import load_weights
 ANALYSIS_TTA = "none"
 KINDS = ("run", "mean", "std", "ensemble_all", "ensemble_best")
 DEDUP_COLUMNS = ["accuracy_dedup", "n_duplicates", "n_dup_training", "n_dup_publictest"]
-METRIC_COLUMNS = ["kind", "config", "trial_id", "seed", "lr", "tta", "n_runs", "best_epoch", "val_acc",
+METRIC_COLUMNS = ["kind", "config", "trial_id", "seed", "lr", "tta", "n_runs", "best_epoch", "truncated", "val_acc",
                   "search_val_acc", *SCALAR_METRICS, *DEDUP_COLUMNS, *CALIBRATION_COLUMNS, "n_images", "beta"]
 
 
@@ -67,8 +67,15 @@ def predict_runs(runs: Sequence[FinalRun], data: FERData, *, ttas: Sequence[str]
     return probs
 
 
+def complete_runs(runs: Sequence[FinalRun]) -> list[FinalRun]:
+    """The runs that finished their schedule, or every run when none did (a budget that cut them all)."""
+    return [r for r in runs if not r.truncated] or list(runs)
+
+
 def ensemble_members(runs: Sequence[FinalRun]) -> dict[str, list[FinalRun]]:
-    """The two ensembles: every run, and the best run of each configuration by its PublicTest accuracy."""
+    """The two ensembles, of the runs that finished their schedule (`complete_runs`): all of them, and the
+    best of each configuration by its PublicTest accuracy."""
+    runs = complete_runs(runs)
     best: dict[str, FinalRun] = {}
     for run in runs:
         key = run.candidate.name
@@ -84,7 +91,8 @@ def score_models(runs: Sequence[FinalRun], probs: dict, data: FERData, *, ttas: 
     val_y, test_y = data.val.y.numpy(), data.test.y.numpy()
     models = [(run.name, {"kind": "run", "config": run.candidate.name, "trial_id": run.candidate.trial_id,
                           "seed": run.seed, "lr": run.lr, "n_runs": 1, "best_epoch": run.best_epoch,
-                          "search_val_acc": run.candidate.search_val_acc}, [run]) for run in runs]
+                          "truncated": run.truncated, "search_val_acc": run.candidate.search_val_acc}, [run])
+              for run in runs]
     for kind, members in ensemble_members(runs).items():
         models.append((kind, {"kind": kind, "config": "+".join(r.name for r in members), "n_runs": len(members)},
                        members))
@@ -105,8 +113,12 @@ def score_models(runs: Sequence[FinalRun], probs: dict, data: FERData, *, ttas: 
 
 
 def summarize_seeds(rows: list[dict]) -> list[dict]:
-    """A mean and a (sample) std row per configuration and TTA mode over its seeds; std is blank for one seed."""
+    """A mean and a (sample) std row per configuration and TTA mode over its seeds; std is blank for one seed.
+
+    Runs cut before their schedule ended are left out while any run finished its schedule (`complete_runs`)."""
     runs = pd.DataFrame([r for r in rows if r["kind"] == "run"])
+    if "truncated" in runs and not runs["truncated"].astype(bool).all():
+        runs = runs[~runs["truncated"].astype(bool)]
     numeric = ["best_epoch", "val_acc", "search_val_acc", *SCALAR_METRICS, "accuracy_dedup", *CALIBRATION_COLUMNS]
     out = []
     for (config, trial_id, tta), group in runs.groupby(["config", "trial_id", "tta"], sort=False):

@@ -69,7 +69,8 @@ def run_final(settings: Settings, trials: Sequence[TrialRecord], *, clock: Clock
     runs = retrain_all(s, data, candidates, epochs=epochs, out=out, ttas=ttas, deadline=deadline)
     trained = time.perf_counter()
     if not runs:
-        raise UserError("every final run diverged in its first epoch; nothing to evaluate")
+        raise UserError("no final run has weights to evaluate (each diverged in its first epoch or started "
+                        "after the time budget had ended)")
     probs = predict_runs(runs, data, ttas=ttas, device=pick_device())
     rows, full = score_models(runs, probs, data, ttas=ttas, beta=s.beta)
     table = metrics_table(rows, ttas)

@@ -165,12 +165,14 @@ def plan_seconds(epoch_seconds: Sequence[float], slots: int, seeds: int, epochs:
 
 def plan_final(epoch_seconds: Sequence[float], *, slots: int, top_k: int, seeds: int, epochs: int,
                seconds: float, n_full: int, n_test: int, ttas: int) -> FinalPlan | None:
-    """The largest final stage within `seconds`: most epochs first, then most runs, then most configurations.
+    """The largest final stage within `seconds`: most epochs first, then most runs, then most seeds.
 
     `epoch_seconds` are the full-data seconds per epoch of the candidates, best first. Epochs
     come first because one well-trained model is worth more than several short ones; within
-    EPOCH_SLACK of the most epochs, more configurations and seeds (the ensemble) win, which
-    fills the parallel slots. None when not even one epoch of one run fits.
+    EPOCH_SLACK of the most epochs, more runs (the ensemble) win, which fills the parallel
+    slots; at equal runs, more seeds of the best configurations before more configurations,
+    so that the seed mean and spread are measured (a second seed of the best configuration
+    is also the surer ensemble partner). None when not even one epoch of one run fits.
     """
     times = [t if math.isfinite(t) else max((x for x in epoch_seconds if math.isfinite(x)), default=60.0)
              for t in epoch_seconds]
@@ -187,7 +189,7 @@ def plan_final(epoch_seconds: Sequence[float], *, slots: int, top_k: int, seeds:
     most = max(p.epochs for p in options)
     # Within EPOCH_SLACK of the most epochs any plan affords, more runs (the ensemble) win.
     near = [p for p in options if p.epochs >= math.floor((1 - EPOCH_SLACK) * most)]
-    return max(near, key=lambda p: (p.runs, p.top_k, p.epochs))
+    return max(near, key=lambda p: (p.runs, p.seeds, p.epochs))
 
 
 def final_reserve(trials: Sequence[Measured], *, clock: Clock, share: float, slots: int, top_k: int,

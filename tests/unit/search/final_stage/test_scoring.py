@@ -284,3 +284,21 @@ def test_choose_analysed_takes_the_best_public_test_accuracy_without_tta_and_sin
     assert choose_analysed(val(ensemble_best=0.8, top1_a_seed1=0.7), RUNS) == "ensemble_best"
     assert choose_analysed(val(ensemble_all=0.8, ensemble_best=0.8), RUNS) == "ensemble_all"
     assert choose_analysed(val(top2_b_seed1=0.6, top1_a_seed1=0.6, ensemble_all=0.6), RUNS) == "top1-a-seed1"
+
+
+def test_truncated_runs_are_marked_and_left_out_of_the_ensembles_and_the_means():
+    """A run the time budget cut mid-schedule (never annealed) stays in metrics.csv, marked, but the ensembles
+    and the seed means are of the runs that finished their schedule; when every run was cut, of them all."""
+    import dataclasses
+
+    cut = [dataclasses.replace(RUNS[0], truncated=True), RUNS[1], RUNS[2]]
+    members = ensemble_members(cut)
+    assert [r.name for r in members["ensemble_all"]] == ["top1-a-seed2", "top2-b-seed1"]
+    rows, _ = score_models(cut, PROBS, DATA, ttas=TTAS, beta=1.0)
+    assert _row(rows, "run", "none", seed=1, config="top1-a")["truncated"] is True
+    assert _row(rows, "run", "none", seed=2)["truncated"] is False
+    table = metrics_table(rows, TTAS)
+    mean_a = table[(table["kind"] == "mean") & (table["config"] == "top1-a") & (table["tta"] == "none")].iloc[0]
+    assert mean_a["n_runs"] == 1 and mean_a["val_acc"] == _row(rows, "run", "none", seed=2)["val_acc"]
+    every = [dataclasses.replace(r, truncated=True) for r in RUNS]
+    assert [r.name for r in ensemble_members(every)["ensemble_all"]] == [r.name for r in RUNS]

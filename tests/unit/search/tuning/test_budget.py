@@ -38,9 +38,10 @@ def test_plan_final_prefers_epochs_then_fills_the_parallel_slots():
     # Plenty of time: everything asked for.
     plan = plan_final([30.0, 30.0, 30.0], slots=2, top_k=3, seeds=3, epochs=10, seconds=1e6, **SIZES)
     assert (plan.top_k, plan.seeds, plan.epochs) == (3, 3, 10)
-    # Time for about one wave of 10 epochs: 2 runs (both slots), 2 configurations, full epochs.
+    # Time for about one wave of 10 epochs: 2 runs (both slots), full epochs, and at equal runs seeds come
+    # before configurations: 2 seeds of the best (a seed mean and spread), not 1 seed each of the best 2.
     plan = plan_final([30.0, 30.0, 30.0], slots=2, top_k=3, seeds=3, epochs=10, seconds=400.0, **SIZES)
-    assert (plan.top_k * plan.seeds, plan.top_k, plan.epochs) == (2, 2, 10)
+    assert (plan.top_k, plan.seeds, plan.epochs) == (1, 2, 10)
     assert plan.seconds <= 400.0
     # Less time: fewer epochs, in one wave that fills both slots.
     plan = plan_final([30.0, 30.0, 30.0], slots=2, top_k=3, seeds=3, epochs=10, seconds=200.0, **SIZES)
@@ -78,16 +79,24 @@ class _Clock:
         return self.now
 
 
-def test_a_final_run_stops_after_the_last_epoch_that_fits_the_deadline(one_thread, monkeypatch):
+def test_a_final_run_is_replanned_to_the_epochs_that_fit_the_deadline(one_thread, monkeypatch):
     import search.final_stage.retrain as retrain_module
 
     data = without_test(make_demo(n_train=60, n_val=20, n_test=20, seed=0))
     config = TrialConfig.from_dict({"arch": "convnet", "width": 8, "depth": 2, "lr": 0.01, "batch_size": 32})
     clock = _Clock()
     monkeypatch.setattr(retrain_module, "time", clock)
-    # Epoch 1 reads the clock at 1000.25 and 1000.5; before epoch 2 it reads 1000.75 (+0.25 fits 1001.25);
-    # epoch 2 ends at 1001.25; before epoch 3, 1001.5 + 0.25 is past the deadline.
+    # The start reads 1000.25; epoch 1 reads 1000.5 and 1000.75 (0.25 s); before epoch 2, 1001.0 leaves room
+    # for one more: the 50-epoch run is re-planned to 2, and its cosine schedule anneals over those 2
+    # (epoch 2 starts at half the peak rate, not at 99.9% of it), ending its schedule: not truncated.
     out = retrain(config, data, epochs=50, seed=1, ttas=["none"], deadline=clock.now + 1.25)
-    assert out["stopped_early"] and len(out["history"]) == 2
+    assert not out["stopped_early"] and out["planned_epochs"] == 2 and len(out["history"]) == 2
+    assert out["history"][1]["lr"] == pytest.approx(0.5 * 0.01, rel=0.05)
+    # No room for a second epoch at all: the run stops mid-schedule, marked.
+    cut = retrain(config, data, epochs=50, seed=1, ttas=["none"], deadline=clock.now + 0.9)
+    assert cut["stopped_early"] and len(cut["history"]) == 1
+    # A run whose turn comes after the deadline trains nothing (it used to train one epoch).
+    late = retrain(config, data, epochs=50, seed=1, ttas=["none"], deadline=clock.now - 1)
+    assert late["not_started"] and late["history"] == [] and late["state_dict"] is None
     full = retrain(config, data, epochs=2, seed=1, ttas=["none"], deadline=clock.now + 3600)
     assert not full["stopped_early"] and len(full["history"]) == 2

@@ -118,7 +118,7 @@ def asha_rungs(s: Settings) -> list[int]:
 def seed_study(s: Settings, offer_weights: bool) -> StudySeed:
     """What the study starts from: --warm-start's trials, the known-good configs; prints what it holds."""
     seed = study_seed(s.space, ferplus=s.labels == "ferplus", offer_weights=offer_weights,
-                      warm_start=s.warm_start, use_known_good=s.known_good)
+                      warm_start=s.warm_start, use_known_good=s.known_good, current=s)
     for note in seed.notes:
         print(note)
     return seed

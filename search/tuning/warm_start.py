@@ -86,13 +86,43 @@ def known_good(space_name: str, space: Callable) -> list[dict[str, Any]]:
     return [replay(space, config)[0] for config in KNOWN_GOOD.get(space_name, [])]
 
 
-def earlier_trials(experiment: Path, space: Callable, space_name: str) -> tuple[list, str]:
-    """The finished trials of `experiment` that fit `space`, as Optuna FrozenTrials, and a line saying so."""
+def _same_data(a: str, b: str) -> bool:
+    """Whether two --data values name the same data: the same path, or files of one name and size."""
+    if a == b or "demo" in (a, b):
+        return a == b
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.resolve() == pb.resolve():
+        return True
+    return pa.name == pb.name and pa.is_file() and pb.is_file() and pa.stat().st_size == pb.stat().st_size
+
+
+def comparable(earlier, current, experiment: Path) -> str:
+    """Refuse an earlier experiment whose objectives mean something else (other labels, other data); return a
+    note when only the fidelity differs (other --train-fraction or --max-epochs), whose values are a prior."""
+    if earlier.labels != current.labels:
+        raise UserError(f"--warm-start {experiment}: its trials were scored on {earlier.labels} labels and this "
+                        f"search uses {current.labels}; their accuracies are not comparable")
+    if not _same_data(earlier.data, current.data):
+        raise UserError(f"--warm-start {experiment}: its trials were trained on --data {earlier.data}, this search "
+                        f"on {current.data}; their accuracies are not comparable")
+    if (earlier.train_fraction, earlier.max_epochs) != (current.train_fraction, current.max_epochs):
+        return (f" (at another fidelity: --train-fraction {earlier.train_fraction:g} and --max-epochs "
+                f"{earlier.max_epochs} there, {current.train_fraction:g} and {current.max_epochs} here, so its "
+                f"values are a prior on this search's, not the same measure)")
+    return ""
+
+
+def earlier_trials(experiment: Path, space: Callable, space_name: str, current=None) -> tuple[list, str]:
+    """The finished trials of `experiment` that fit `space`, as Optuna FrozenTrials, and a line saying so.
+
+    With `current` (this search's Settings) an experiment of other labels or data is refused, and one of
+    another fidelity said so (see `comparable`)."""
     import optuna
 
     from search.tuning.settings import read_settings
 
     earlier = read_settings(experiment)
+    fidelity = comparable(earlier, current, experiment) if current is not None else ""
     records: list[TrialRecord] = [r for r in load_trials(experiment, earlier.max_epochs, earlier.storage)
                                   if r.status not in ("ERROR", "RUNNING", "PENDING", "PAUSED")
                                   and math.isfinite(r.objective)]
@@ -110,7 +140,7 @@ def earlier_trials(experiment: Path, space: Callable, space_name: str) -> tuple[
         raise UserError(f"--warm-start {experiment}: none of its {len(records)} finished trials fits the space "
                         f"'{space_name}' (e.g. {reasons[0]})")
     note = (f"warm start: {len(trials)} of {len(records)} finished trials of {experiment} (space {earlier.space}) "
-            f"seed the sampler")
+            f"seed the sampler{fidelity}")
     if reasons:
         note += f"; {len(reasons)} do not fit the space '{space_name}' and are left out (e.g. {reasons[0]})"
     return trials, note
@@ -126,9 +156,10 @@ class StudySeed:
 
 
 def study_seed(space_name: str, *, ferplus: bool, offer_weights: bool, warm_start: str,
-               use_known_good: bool) -> StudySeed:
+               use_known_good: bool, current=None) -> StudySeed:
     """The earlier trials of --warm-start that fit the space and its known-good configurations; writes nothing,
-    so a bad --warm-start fails before anything is created."""
+    so a bad --warm-start fails before anything is created. `current`: this search's Settings, against which
+    the earlier experiment's labels, data and fidelity are compared."""
     from spaces import get_space
 
     space = partial(get_space(space_name), ferplus=ferplus, offer_weights=offer_weights)
@@ -137,7 +168,7 @@ def study_seed(space_name: str, *, ferplus: bool, offer_weights: bool, warm_star
                         f"pass results/<name>")
     trials, notes = [], []
     if warm_start:
-        trials, note = earlier_trials(Path(warm_start), space, space_name)
+        trials, note = earlier_trials(Path(warm_start), space, space_name, current)
         notes.append(note)
     configs = known_good(space_name, space) if use_known_good else []
     if configs:

@@ -78,14 +78,20 @@ def test_known_good_configurations_run_first(demo_experiment):
 
 
 @pytest.mark.slow
-def test_warm_start_seeds_the_sampler_with_the_earlier_finished_trials(demo_experiment, tmp_path):
+def test_warm_start_seeds_the_sampler_with_the_earlier_finished_trials(demo_experiment, demo_csvs, tmp_path):
     exp, _ = demo_experiment
     earlier = read_table(exp / "trials.csv")
-    r = run_command("search.run", "--space", "convnet", "--data", "demo", "--num-samples", "1", "--max-epochs", "1",
+    # The same data (warm-starting from other data or labels is refused), another fidelity (said so).
+    r = run_command("search.run", "--space", "convnet", "--data", str(demo_csvs["bad"]), "--num-samples", "1",
+                    "--max-epochs", "1",
                     "--grace-epochs", "1", "--train-fraction", "0.5", "--no-final", "--no-report", "--no-known-good",
                     "--warm-start", str(exp), "--results", str(tmp_path), "--name", "w", "--seed", "5")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"warm start: {len(earlier)} of {len(earlier)} finished trials of {exp}" in r.stdout
+    assert "at another fidelity: --train-fraction 0.5 and --max-epochs 3 there, 0.5 and 1 here" in r.stdout
+    refused = run_command("search.run", "--space", "convnet", "--data", "demo", "--num-samples", "1",
+                          "--warm-start", str(exp), "--results", str(tmp_path), "--name", "w2", "--no-final")
+    assert refused.returncode == 2 and "their accuracies are not comparable" in refused.stderr
     with open(max(glob.glob(str(tmp_path / "w" / "tune" / "searcher-state-*.pkl"))), "rb") as f:
         study = pickle.load(f)["_ot_study"].trials
     warm = [t for t in study if "warm_start" in t.user_attrs]
@@ -95,7 +101,7 @@ def test_warm_start_seeds_the_sampler_with_the_earlier_finished_trials(demo_expe
 
 
 @pytest.mark.slow
-def test_warm_start_keeps_the_trials_that_fit_and_refuses_when_none_does(demo_experiment, capsys):
+def test_warm_start_keeps_the_trials_that_fit_and_refuses_when_none_does(demo_experiment, demo_csvs, capsys):
     from search.run import main
     from search.tuning.warm_start import earlier_trials
 
@@ -111,8 +117,8 @@ def test_warm_start_keeps_the_trials_that_fit_and_refuses_when_none_does(demo_ex
     trials, note = earlier_trials(exp, small_only, "small")
     assert len(trials) == fit and f"{fit} of {len(earlier)} finished trials" in note
     assert f"{len(earlier) - fit} do not fit the space 'small' and are left out" in note
-    status = run_cli(main, ["--space", "resnet", "--data", "demo", "--warm-start", str(exp), "--no-final",
-                            "--results", str(exp.parent), "--name", "other"])
+    status = run_cli(main, ["--space", "resnet", "--data", str(demo_csvs["bad"]), "--warm-start", str(exp),
+                            "--no-final", "--results", str(exp.parent), "--name", "other"])
     err = capsys.readouterr().err.strip()
     assert status == 2 and len(err.splitlines()) == 1
     assert err.startswith(f"error: --warm-start {exp}: none of its {len(earlier)} finished trials fits the space "

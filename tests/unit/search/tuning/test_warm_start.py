@@ -224,3 +224,27 @@ def test_preparing_the_storage_again_replaces_the_study_of_a_start_that_never_ra
     on_disk = load_study(exp)
     assert [(t.state, t.value) for t in on_disk.trials] == [(TrialState.COMPLETE, 0.1)]
     assert on_disk.direction == optuna.study.StudyDirection.MINIMIZE
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"labels": "ferplus"}, "scored on fer2013 labels and this search uses ferplus"),
+    ({"data": "demo"}, "trained on --data data/fer2013.csv, this search on demo"),
+])
+def test_warm_start_refuses_an_experiment_of_other_labels_or_data(earlier, change, why):
+    earlier["records"] = [_record("a", "COMPLETED", 0.6, GOOD)]
+    current = Settings(space="convnet", name="new", max_epochs=7, **change)
+    with pytest.raises(UserError, match=re.escape(why)):
+        study_seed("convnet", ferplus=False, offer_weights=False, warm_start=str(earlier["exp"]),
+                   use_known_good=False, current=current)
+
+
+def test_warm_start_from_another_fidelity_says_its_values_are_a_prior(earlier):
+    earlier["records"] = [_record("a", "COMPLETED", 0.6, GOOD)]
+    same = Settings(space="convnet", name="new", max_epochs=7)
+    seed = study_seed("convnet", ferplus=False, offer_weights=False, warm_start=str(earlier["exp"]),
+                      use_known_good=False, current=same)
+    assert len(seed.trials) == 1 and "fidelity" not in seed.notes[0]
+    other = Settings(space="convnet", name="new", max_epochs=20, train_fraction=0.3)
+    seed = study_seed("convnet", ferplus=False, offer_weights=False, warm_start=str(earlier["exp"]),
+                      use_known_good=False, current=other)
+    assert "at another fidelity: --train-fraction 1 and --max-epochs 7 there, 0.3 and 20 here" in seed.notes[0]

@@ -244,7 +244,7 @@ def save_run(result: dict, cand: Candidate, seed: int, s: Settings, data: FERDat
     name = run_name(cand.name, seed)
     if result["history"] and not any(board.glob("events.out.tfevents.*")):
         write_scalars(board, result["history"])  # the task ran on another node, whose disk we cannot see
-    if result.get("not_started"):
+    if result["not_started"]:
         print(f"final run {name}: not started, the time budget had ended; left out", flush=True)
         return None
     if result["state_dict"] is None:
@@ -253,12 +253,12 @@ def save_run(result: dict, cand: Candidate, seed: int, s: Settings, data: FERDat
     info = {"name": name, "trial_id": cand.trial_id, "seed": seed, "best_epoch": result["best_epoch"],
             "val_acc": result["val_acc"], "search_val_acc": cand.search_val_acc, "labels": s.labels,
             "experiment": s.name, "data_seed": s.seed, "diverged": result["diverged"], "history": result["history"],
-            "trained_on": result["trained_on"], "planned_epochs": result.get("planned_epochs", len(result["history"])),
-            "truncated": bool(result.get("stopped_early")),
+            "trained_on": result["trained_on"], "planned_epochs": result["planned_epochs"],
+            "truncated": result["stopped_early"],
             # fitted on PublicTest without TTA, as search.predict and the exported models classify
             "temperature": fit_temperature(result["val_probs"]["none"], data.val.y.numpy())}
     path = save_weights(out / "models" / name, result["state_dict"], config=cand.config, classes=data.classes,
                         info=info)
     return FinalRun(candidate=cand, seed=seed, weights=path, best_epoch=int(result["best_epoch"]),
                     val_acc=float(result["val_acc"]), val_probs=result["val_probs"],
-                    truncated=bool(result.get("stopped_early")))
+                    truncated=result["stopped_early"])

@@ -101,12 +101,7 @@ REPORTED = {f.name: f.default for f in dataclasses.fields(TrialRecord) if f.meta
 def load_trials(experiment_dir: Path, max_epochs: int, storage: str = "") -> list[TrialRecord]:
     """Every trial of the experiment `experiment_dir` (its Tune folder under `storage` when given),
     best objective first (NaN last)."""
-    from ray.tune import ExperimentAnalysis  # Ray only where the experiment is read
-
-    if not tune_started(experiment_dir, storage):
-        return []
-    fs, path = resolve(tune_location(experiment_dir, storage))
-    trials = ExperimentAnalysis(path, storage_filesystem=fs).trials
+    trials = _tune_trials(experiment_dir, storage)
     if any(in_epochs(t.config) for t in trials):
         print(f"note: {experiment_dir} is from an older version, with schedule settings in epochs; its "
               f"configurations are read with them as fractions of its {max_epochs}-epoch trials (the same shape)")
@@ -115,12 +110,17 @@ def load_trials(experiment_dir: Path, max_epochs: int, storage: str = "") -> lis
 
 def schedule_in_epochs(experiment_dir: Path, storage: str = "") -> bool:
     """Whether the experiment's trials were configured with schedule settings in epochs (an older version)."""
-    from ray.tune import ExperimentAnalysis
+    return any(in_epochs(t.config) for t in _tune_trials(experiment_dir, storage))
+
+
+def _tune_trials(experiment_dir: Path, storage: str = "") -> list:
+    """Tune's Trial objects of the experiment, read back from its Tune folder (none before the search started)."""
+    from ray.tune import ExperimentAnalysis  # Ray only where the experiment is read
 
     if not tune_started(experiment_dir, storage):
-        return False
+        return []
     fs, path = resolve(tune_location(experiment_dir, storage))
-    return any(in_epochs(t.config) for t in ExperimentAnalysis(path, storage_filesystem=fs).trials)
+    return ExperimentAnalysis(path, storage_filesystem=fs).trials
 
 
 def records_of(trials, max_epochs: int, *, ray_status: dict[str, str] | None = None) -> list[TrialRecord]:

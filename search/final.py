@@ -14,6 +14,7 @@ from search.final_stage.stage import FINAL_DIR, run_final
 from search.reporting.page import report_at_end
 from search.tuning.budget import Clock, TimeSplit, command_started
 from search.tuning.cli import Parser, run_cli
+from search.tuning.cluster import check_local_gpus
 from search.tuning.records import load_trials
 from search.tuning.settings import FINAL_FLAGS, Settings, add_flags, check_settings, read_settings
 from trainables.errors import UserError
@@ -47,7 +48,10 @@ def parse_final(argv: Sequence[str] | None = None) -> tuple[Settings, bool, bool
     if "final_tta" in overrides:
         overrides["final_tta"] = tuple(overrides["final_tta"])
     s = dataclasses.replace(s, **overrides)
+    # --final-epochs 0 means --max-epochs here as in search.run (it was planned as 0 epochs: "no epoch fits").
+    s = dataclasses.replace(s, final_epochs=s.final_epochs or s.max_epochs)
     check_settings(s)
+    check_local_gpus(s)
     return s, a.overwrite, a.no_report
 
 

@@ -16,11 +16,16 @@ from functools import partial
 from pathlib import Path
 from typing import Sequence
 
-from search.final_stage.stage import run_final
-from search.reporting.page import report_at_end
 from search.tuning.budget import Clock, SearchBudget, TimeSplit, command_started, search_budget, set_active
 from search.tuning.cli import Parser, run_cli
-from search.tuning.cluster import memory_limits, start_ray, tolerate_lost_workers, trial_request, trial_resources
+from search.tuning.cluster import (
+    check_local_gpus,
+    memory_limits,
+    start_ray,
+    tolerate_lost_workers,
+    trial_request,
+    trial_resources,
+)
 from search.tuning.records import UNFINISHED, TrialRecord, schedule_in_epochs, trials_table, write_trials_csv
 from search.tuning.settings import Settings, parse_settings, settings_parser
 from search.tuning.storage import TUNE_DIR, experiment_root, resolve, tune_location, tune_started
@@ -224,6 +229,7 @@ def run_search(s: Settings, started: float | None = None) -> int:
     """
     clock = Clock(s.time_budget, started or time.time()) if s.time_budget else None
     get_space(s.space)
+    check_local_gpus(s)
     exp = check_experiment_dir(s)
     if s.resume:
         check_resume_settings(s)
@@ -266,11 +272,20 @@ def run_search(s: Settings, started: float | None = None) -> int:
         split.search = clock.elapsed() - split.startup
         if budget.stopped_at:
             print(f"search stopped by the time budget with {clock.left():.0f} s left for the final stage")
+    # Imported here, not at the top: scikit-learn, SciPy and matplotlib cost a search that ends
+    # without them (--no-final --no-report) about 2 s of start-up before its first trial.
     if s.final:
+        from search.final_stage.stage import run_final
+
         run_final(s, trials, clock=clock, split=split)
+    if split:  # before the report, so that the report shows how this run split its time
+        split.final = clock.elapsed() - split.startup - split.search
+        split.write(exp)
     if s.report:
+        from search.reporting.page import report_at_end
+
         report_at_end(exp)
-    if split:
+    if split:  # again with the report's seconds
         split.final = clock.elapsed() - split.startup - split.search
         split.write(exp)
         print(split.line())

@@ -53,7 +53,9 @@ def run_final(settings: Settings, trials: Sequence[TrialRecord], *, clock: Clock
     """
     s = settings
     out = s.experiment_dir / FINAL_DIR
-    candidates = select_candidates(trials, s.final_top_k)
+    # Under a time budget every finished trial is a candidate: when one epoch of the best does not fit,
+    # the plan falls back to the next that does (fit_final_to_budget).
+    candidates = select_candidates(trials, len(trials) if clock else s.final_top_k)
     if not candidates:
         raise UserError(f"no trial of {s.experiment_dir} has a PublicTest accuracy (errored and diverged trials "
                         f"do not count); finish at least one epoch of the search (--resume) first")
@@ -62,8 +64,9 @@ def run_final(settings: Settings, trials: Sequence[TrialRecord], *, clock: Clock
     ttas = [ANALYSIS_TTA, *dict.fromkeys(t for t in s.final_tta if t != ANALYSIS_TTA)]  # the analysis needs "none"
     deadline = None
     if clock:
-        s, deadline = fit_final_to_budget(s, trials, [c.trial_id for c in candidates], clock, data, ttas, split)
-        candidates = candidates[:s.final_top_k]
+        s, deadline, skip = fit_final_to_budget(s, trials, [c.trial_id for c in candidates], clock, data, ttas,
+                                                split)
+        candidates = candidates[skip:skip + s.final_top_k]
     epochs = s.final_epochs or s.max_epochs
     clear_outputs(out)
     runs = retrain_all(s, data, candidates, epochs=epochs, out=out, ttas=ttas, deadline=deadline)

@@ -76,7 +76,8 @@ def settings_section(s: Settings, exp: Path) -> Section:
     sec.table(pd.DataFrame({"setting": list(values), "value": [str(v) for v in values.values()]}))
     split = exp / "time_budget.json"
     if split.is_file():
-        sec.table(pd.json_normalize(json.loads(split.read_text())), "How --time-budget was split (seconds).")
+        sec.table(pd.json_normalize(json.loads(split.read_text())),
+                  "How --time-budget was split (seconds; the final stage as far as the start of this report).")
     return sec
 
 

@@ -253,14 +253,24 @@ class SearchBudget:
     ttas: int
     stopped_at: float | None = None  # time.time() when the search was stopped for the final stage
 
+    final: bool = True      # False (--no-final): the search may use the whole budget but its own stop
+
     def reserve(self, measured: Sequence[Measured]) -> float:
+        if not self.final:
+            return STOP_SECONDS
         return final_reserve(measured, clock=self.clock, share=self.share, slots=self.slots, top_k=self.top_k,
                              seeds=self.seeds, epochs=self.epochs, n_search=self.n_search, n_full=self.n_full,
                              n_test=self.n_test, ttas=self.ttas)
 
     def search_over(self, measured: Sequence[Measured]) -> bool:
-        if self.stopped_at is None and self.clock.left() <= self.reserve(measured):
-            self.stopped_at = time.time()
+        """Whether the search must stop now. Never before some trial has finished an epoch, unless only
+        the stop's own seconds are left: with nothing measured there is nothing to retrain, and the
+        whole --final-share reserved up front (0.97 of 1200 s) once stopped a search after 28 s, before
+        any epoch ended, so that the final stage had no trial to start from."""
+        if self.stopped_at is None:
+            reserve = self.reserve(measured) if any(math.isfinite(m.objective) for m in measured) else STOP_SECONDS
+            if self.clock.left() <= reserve:
+                self.stopped_at = time.time()
         return self.stopped_at is not None
 
 
@@ -280,11 +290,13 @@ def active() -> SearchBudget | None:
 
 def fit_final_to_budget(s: Settings, trials: Sequence[TrialRecord], candidate_ids: Sequence[str], clock: Clock,
                         data: FERData,
-                        ttas: Sequence[str], split: TimeSplit | None) -> tuple[Settings, float]:
-    """The final stage's top-k, seeds and epochs cut to the time left, and the deadline of its runs.
+                        ttas: Sequence[str], split: TimeSplit | None) -> tuple[Settings, float, int]:
+    """The final stage's top-k, seeds and epochs cut to the time left, the deadline of its runs, and how many
+    of the best candidates it passes over.
 
     Sized from the per-epoch times the search measured for the trials `candidate_ids`, best first (see
-    `plan_final`); a UserError when not one epoch of the best configuration fits.
+    `plan_final`). When not one epoch of the best configuration fits, the next one whose epoch does
+    is trained instead (a cheaper model beats no model), said in one line; a UserError when none fits.
     """
     import ray
 
@@ -297,25 +309,35 @@ def fit_final_to_budget(s: Settings, trials: Sequence[TrialRecord], candidate_id
     n_search = round(len(data.train) * s.train_fraction)
     times = [full_epoch_seconds(Measured.of(by_id[tid]), n_search, len(data.train)) for tid in candidate_ids]
     left = clock.left()
-    plan = plan_final(times, slots=slots, top_k=s.final_top_k, seeds=s.final_seeds, epochs=s.final_epochs,
-                      seconds=left, n_full=len(data.train), n_test=len(data.test), ttas=len(ttas))
-    if plan is None:
-        raise UserError(f"the time budget leaves {left:.0f} s for the final stage, not enough for one epoch of the "
-                        f"best configuration (about {times[0]:.0f} s on the full Training split); the search's "
-                        f"results are kept: run python -m search.final {s.experiment_dir} to finish without a budget")
+    epochs = s.final_epochs or s.max_epochs
+    for skip in range(len(times)):
+        plan = plan_final(times[skip:], slots=slots, top_k=s.final_top_k, seeds=s.final_seeds, epochs=epochs,
+                          seconds=left, n_full=len(data.train), n_test=len(data.test), ttas=len(ttas))
+        if plan is not None:
+            break
+    else:
+        raise UserError(f"the time budget leaves {left:.0f} s for the final stage, not enough for one epoch of "
+                        f"any of the {len(times)} best configurations (the fastest about "
+                        f"{min((t for t in times if math.isfinite(t)), default=math.nan):.0f} s on the full "
+                        f"Training split); the search's results are kept: run python -m search.final "
+                        f"{s.experiment_dir} to finish without a budget")
+    if skip:
+        print(f"final stage within the time budget: one epoch of the best {skip} configuration(s) (about "
+              f"{times[0]:.0f} s) does not fit the {left:.0f} s left; training from the search's number "
+              f"{skip + 1} on (about {times[skip]:.0f} s per epoch)", flush=True)
     print(f"final stage within the time budget: {left:.0f} s left, so {plan.top_k} configurations x {plan.seeds} "
           f"seeds x {plan.epochs} epochs ({slots} at once; estimated {plan.seconds:.0f} s; "
-          f"wanted {s.final_top_k} x {s.final_seeds} x {s.final_epochs})", flush=True)
+          f"wanted {s.final_top_k} x {s.final_seeds} x {epochs})", flush=True)
     if split:
         split.final_reserved, split.plan = left, {"top_k": plan.top_k, "seeds": plan.seeds, "epochs": plan.epochs,
-                                                  "estimated_seconds": round(plan.seconds, 1)}
+                                                  "estimated_seconds": round(plan.seconds, 1), "passed_over": skip}
     s = dataclasses.replace(s, final_top_k=plan.top_k, final_seeds=plan.seeds, final_epochs=plan.epochs)
-    return s, clock.deadline - plan.eval_seconds
+    return s, clock.deadline - plan.eval_seconds, skip
 
 
 def search_budget(s: Settings, clock: Clock, data: FERData, concurrent: int) -> SearchBudget:
     """What the search must leave for the final stage under --time-budget (all of it without a final stage)."""
-    return SearchBudget(clock=clock, share=s.final_share if s.final else 0.0, slots=concurrent,
+    return SearchBudget(clock=clock, share=s.final_share, final=s.final, slots=concurrent,
                         top_k=s.final_top_k, seeds=s.final_seeds, epochs=s.final_epochs,
                         n_search=len(data.train), n_full=round(len(data.train) / s.train_fraction),
                         n_test=len(data.val), ttas=len(set(s.final_tta) | {"none"}))

@@ -39,6 +39,16 @@ def start_ray(s: Settings) -> dict:
     return ray.cluster_resources()
 
 
+def check_local_gpus(s: Settings) -> None:
+    """Refuse --gpus-per-trial on a local instance when this machine has no GPU, before the data is
+    loaded and Ray started (`trial_resources` checks it again against what Ray found)."""
+    if not s.address and s.gpus_per_trial > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--gpus-per-trial {s.gpus_per_trial} but this machine has no GPU; use --gpus-per-trial 0")
+
+
 def trial_resources(s: Settings, cluster: dict) -> tuple[dict, int]:
     """Resources of one trial and how many trials run at once."""
     gpus = s.gpus_per_trial

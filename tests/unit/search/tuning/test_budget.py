@@ -10,13 +10,18 @@ from search.tuning.budget import (
     STOP_SECONDS,
     Clock,
     Measured,
+    SearchBudget,
     final_reserve,
+    fit_final_to_budget,
     full_epoch_seconds,
     plan_final,
     plan_seconds,
 )
+from search.tuning.records import TrialRecord
+from search.tuning.settings import Settings
 from trainables.config import TrialConfig
-from trainables.data import make_demo
+from trainables.data import SPLITS, make_demo
+from trainables.errors import UserError
 
 SIZES = {"n_full": 28709, "n_test": 3589, "ttas": 2}
 
@@ -66,6 +71,64 @@ def test_the_search_leaves_what_the_final_stage_needs_capped_at_its_share():
     assert final_reserve(glacial, **kw) > 28000 / 1.0
     # Only the best top_k trials count: a slow but weak trial does not inflate the reserve.
     assert final_reserve(fast + [Measured(0.1, 500.0, 10.0)], **kw) == pytest.approx(need)
+
+
+def _budget(total: float, **kw) -> SearchBudget:
+    return SearchBudget(clock=Clock(total=total), **{**dict(share=0.4, slots=2, top_k=2, seeds=1, epochs=10,
+                                                           n_search=7000, n_full=28000, n_test=3589, ttas=2), **kw})
+
+
+def test_without_a_final_stage_the_search_keeps_the_whole_budget():
+    # --no-final used to reserve one full-data epoch of the best trial and its scoring anyway (here 28,000 s).
+    slow = [Measured(0.6, 3.0 + 7000 / 1.0, 1.0)]
+    assert _budget(3600.0, final=False).reserve(slow) == STOP_SECONDS
+    assert _budget(3600.0).reserve(slow) > 28000
+
+
+def test_the_search_never_stops_before_an_epoch_has_ended():
+    # --time-budget 1200 --final-share 0.97: with nothing measured the share's 1,164 s used to be reserved,
+    # so the search stopped after about 28 s, before any trial had finished an epoch.
+    budget = _budget(1200.0, share=0.97)
+    assert not budget.search_over([]) and not budget.search_over([Measured(math.nan, math.nan, math.nan)])
+    # Once a trial has an epoch, the reserve is what the final stage needs, capped at the share: a fast
+    # epoch leaves the search running, a slow one (the share's whole 1,164 s needed) stops it.
+    assert not budget.search_over([Measured(0.5, 3.0 + 7000 / 7000.0, 7000.0)])
+    assert budget.search_over([Measured(0.5, 3.0 + 7000 / 7.0, 7.0)])
+    # Only the stop's own seconds left: stop even with nothing measured.
+    late = _budget(1200.0, share=0.97)
+    late.clock.started -= 1200.0 - STOP_SECONDS / 2
+    assert late.search_over([])
+
+
+def _trial(tid: str, objective: float, epoch_seconds: float) -> TrialRecord:
+    return TrialRecord(trial_id=tid, status="TERMINATED", objective=objective, val_acc=objective, epochs=1,
+                       images_per_s=math.nan, epoch_seconds=epoch_seconds, config={"arch": "convnet"})
+
+
+def test_when_the_best_configuration_does_not_fit_a_cheaper_one_is_trained(tmp_path, capsys):
+    data = make_demo(splits=SPLITS, n_train=1000, n_val=100, n_test=100)
+    s = Settings(space="convnet", name="x", results=str(tmp_path), final_top_k=2, final_seeds=1, final_epochs=5,
+                 train_fraction=1.0, cpus_per_trial=1, max_concurrent=1)
+    # The best trial's epoch takes 500 s; the next two 2 s. 100 s are left.
+    trials = [_trial("a", 0.6, 500.0), _trial("b", 0.5, 2.0), _trial("c", 0.4, 2.0)]
+    clock = Clock(total=100.0)
+    fitted, deadline, skip = fit_final_to_budget(s, trials, ["a", "b", "c"], clock, data, ["none"], None)
+    assert skip == 1 and fitted.final_epochs >= 1 and deadline <= clock.deadline
+    assert "does not fit" in capsys.readouterr().out
+    # None fits: one line, naming the fastest.
+    with pytest.raises(UserError, match="not enough for one epoch of any of the 2 best"):
+        fit_final_to_budget(s, trials[:1] + [_trial("d", 0.5, 400.0)], ["a", "d"], clock, data, ["none"], None)
+
+
+def test_final_epochs_0_means_max_epochs_in_search_final_too(tmp_path):
+    from search.final import parse_final
+
+    exp = tmp_path / "e"
+    exp.mkdir()
+    (exp / "settings.json").write_text(Settings(space="convnet", name="e", results=str(tmp_path), max_epochs=7,
+                                                final_epochs=7).to_json())
+    s, _, _ = parse_final([str(exp), "--final-epochs", "0", "--time-budget", "100"])
+    assert s.final_epochs == 7 and s.time_budget == 100  # was 0: "not enough for one epoch" whatever the budget
 
 
 class _Clock:

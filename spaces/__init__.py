@@ -134,6 +134,12 @@ SPACES: dict[str, Callable[..., dict[str, Any]]] = {
 }
 
 
+def with_constants(trial, *, space: Callable[..., dict[str, Any]], constants: dict[str, Any]) -> dict[str, Any]:
+    """`space(trial)` with `constants` added to every configuration (a search-wide setting such as
+    ema_fraction); a module function, so that `functools.partial` of it pickles with Tune's searcher."""
+    return {**space(trial), **constants}
+
+
 def get_space(name: str) -> Callable[..., dict[str, Any]]:
     """The space registered as `name`, or a UserError listing the choices."""
     if name not in SPACES:

@@ -74,6 +74,8 @@ class TrialConfig:
     label_smoothing: float = 0.0
     imbalance: str = "none"            # none, weighted_loss or balanced_sampler
     soft_labels: bool = False          # FER+: train on the vote distribution
+    # weights
+    ema_fraction: float = 0.0          # average the weights (EMA) over this share of the run; 0: off (see runner)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrialConfig":

@@ -4,7 +4,7 @@ The model is built on PyTorch's `meta` device (shapes only: no memory, no comput
 second even for DenseNet-169) and one sample is run through it to add up the tensors a forward
 pass creates (see `layer_outputs`). Training memory is then
 
-    fixed  +  parameter bytes x (weights + gradients + optimizer state)  +  batch x activation bytes x k
+    fixed  +  parameter bytes x (weights + gradients + optimizer state [+ EMA])  +  batch x activation bytes x k
 
 with `fixed` (the worker process, the data set and PyTorch's own buffers) and `k` (the share
 of layer outputs autograd keeps for the backward pass, plus the allocator's slack) fitted to
@@ -80,7 +80,8 @@ def estimate_memory(config: TrialConfig | Mapping[str, Any], num_classes: int = 
         model = model_from_config(cfg, num_classes, load_imagenet=False)
     params = sum(p.numel() for p in model.parameters())
     outputs = layer_outputs(model)
-    states = 2 + OPTIMIZER_STATES.get(cfg.optimizer, 2)  # weights, gradients, optimizer state
+    # weights, gradients, optimizer state, and the averaged copy of the weights with EMA
+    states = 2 + OPTIMIZER_STATES.get(cfg.optimizer, 2) + (1 if cfg.ema_fraction else 0)
     parameter_bytes = 4 * params * states
     precision = "bf16" if fast_training(torch.device(device)) else "fp32"
     activation_bytes = cfg.batch_size * outputs * ACTIVATION_BYTES[precision] * ACTIVATION_FACTOR[device]

@@ -1,7 +1,14 @@
 """A configured training run: a `TrialConfig` becomes model, optimizer, schedule, augmentation and data.
 
 `build_run` turns a config into a `Run`; `run_epoch` trains one epoch and evaluates on
-PublicTest. The Ray trainable and the final stage both drive a `Run`, so what the search
+PublicTest. With `ema_fraction` the run also keeps an exponential moving average of its
+weights (torch's `AveragedModel`, parameters and batch-norm statistics) over that share of the
+run, and is judged by it: `val_acc` is the averaged model's and `raw_val_acc` the live
+weights'; the weights a run yields (`judged`) are the averaged ones. The average smooths out
+the noise of a high learning rate, so a trial judged mid-schedule (at an ASHA rung, while a
+one-cycle run is still at its peak) is judged closer to what its annealed end would be.
+
+The Ray trainable and the final stage both drive a `Run`, so what the search
 measured is exactly what the final stage retrains. Nothing here imports Ray.
 """
 from __future__ import annotations
@@ -20,7 +27,7 @@ from trainables.data import FERData, class_counts
 from trainables.device import DeviceSplit, fast_training, pick_device, to_device
 from trainables.errors import UserError
 from trainables.inference import evaluate
-from trainables.lr_range import lr_range_test
+from trainables.lr_range import SWEEP, lr_range_test, within_good_rates
 from trainables.models import build_model, set_backbone_frozen
 from trainables.optim import Schedule, build_optimizer
 from trainables.train import train_one_epoch
@@ -28,9 +35,11 @@ from trainables.train import train_one_epoch
 IMBALANCE = ("none", "weighted_loss", "balanced_sampler")
 LR_MODES = ("searched", "range_test")
 # The LR range test of a trial costs at most this share of the images the trial trains on before
-# it is first judged, with a floor below which the curve is too coarse to read (20 points over
-# the swept 6.5 decades) and a ceiling (100 steps, plenty for a smooth curve).
-RANGE_TEST_SHARE, RANGE_TEST_MIN_STEPS, RANGE_TEST_MAX_STEPS = 0.10, 20, 100
+# it is first judged, with a floor below which the curve is too coarse to read (12 points over
+# the 4-4.5 decades a trial sweeps, trainables.lr_range.SWEEP: a point every ~0.35 decade) and a
+# ceiling (100 steps, plenty for a smooth curve). At an hour's sizes (30% of Training, first rung
+# at epoch 2) that is 53, 26 and 13 steps at batch 32, 64 and 128; batch 256 (6) falls back.
+RANGE_TEST_SHARE, RANGE_TEST_MIN_STEPS, RANGE_TEST_MAX_STEPS = 0.10, 12, 100
 # The rate used when the budget allows no range test: the usual defaults of each optimizer.
 FALLBACK_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}
 
@@ -54,6 +63,35 @@ class Run:
     epoch: int = 0
     found_lr: float | None = None  # the LR range test's rate (lr_mode=range_test), else None
     range_test: dict | None = None  # its cost: steps, images, seconds, and why it was skipped
+    ema: Any = None  # torch.optim.swa_utils.AveragedModel of `model` (config.ema_fraction > 0), else None
+
+    @property
+    def judged(self) -> nn.Module:
+        """The model the run is judged by and yields: the averaged weights with EMA, else the live ones."""
+        return self.model if self.ema is None else self.ema.module
+
+
+def _ema_decay(fraction: float, epochs: int, steps_per_epoch: int) -> float:
+    """The per-step decay of an EMA whose window (1 / (1 - decay) steps) is `fraction` of the run."""
+    return 1.0 - 1.0 / max(1.0, fraction * epochs * steps_per_epoch)
+
+
+def build_ema(model: nn.Module, decay: float):
+    """An EMA of `model`'s parameters and buffers (batch-norm statistics) with per-step `decay`."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def replan(run: "Run", epochs: int) -> None:
+    """Make `run` `epochs` long from here on: its schedule and its EMA's window, both shares of the run."""
+    run.schedule.replan(epochs)
+    run.epochs = epochs
+    if run.ema is not None:
+        from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+        run.ema.multi_avg_fn = get_ema_multi_avg_fn(
+            _ema_decay(run.config.ema_fraction, epochs, run.schedule.steps_per_epoch))
 
 
 def model_from_config(config: TrialConfig | Mapping[str, Any], num_classes: int, *,
@@ -135,8 +173,10 @@ def build_run(config: TrialConfig | Mapping[str, Any], data: FERData, *, epochs:
             started = time.perf_counter()
             found_lr = lr_range_test(model, train, optimizer=cfg.optimizer, batch_size=cfg.batch_size,
                                      weight_decay=cfg.weight_decay, momentum=cfg.momentum, augment=augment,
-                                     device=device, generator=generator,
-                                     steps=range_test["steps"])["suggested_lr"]
+                                     device=device, generator=generator, steps=range_test["steps"],
+                                     start_lr=SWEEP[cfg.optimizer][0],
+                                     end_lr=SWEEP[cfg.optimizer][1])["suggested_lr"]
+            found_lr = within_good_rates(cfg.optimizer, found_lr)
             range_test["seconds"] = time.perf_counter() - started
         else:
             found_lr = FALLBACK_LR.get(cfg.optimizer, cfg.lr)
@@ -148,10 +188,13 @@ def build_run(config: TrialConfig | Mapping[str, Any], data: FERData, *, epochs:
                         warmup_fraction=cfg.warmup_fraction, step_fraction=cfg.step_fraction,
                         step_gamma=cfg.step_gamma, patience_fraction=cfg.patience_fraction,
                         plateau_factor=cfg.plateau_factor)
+    if cfg.ema_fraction < 0 or cfg.ema_fraction >= 1:
+        raise UserError(f"ema_fraction must be in [0, 1), got {cfg.ema_fraction}")
+    ema = build_ema(model, _ema_decay(cfg.ema_fraction, epochs, steps_per_epoch)) if cfg.ema_fraction else None
     run = Run(config=cfg, model=model, optimizer=optimizer, schedule=schedule, augment=augment,
               train=train, val=val, device=device, class_weights=class_weights,
               sample_weights=sample_weights, generator=generator, epochs=epochs, found_lr=found_lr,
-              range_test=range_test)
+              range_test=range_test, ema=ema)
     if state is not None:
         load_run_state(run, state)
     return run
@@ -165,8 +208,11 @@ def run_epoch(run: Run) -> dict[str, float]:
     metrics = train_one_epoch(run.model, run.optimizer, run.schedule, run.train, batch_size=cfg.batch_size,
                               augment=run.augment, device=run.device, label_smoothing=cfg.label_smoothing,
                               class_weights=run.class_weights, sample_weights=run.sample_weights,
-                              generator=run.generator)
-    metrics.update(evaluate(run.model, run.val))
+                              generator=run.generator, ema=run.ema)
+    if run.ema is not None:
+        live = evaluate(run.model, run.val)
+        metrics.update({"raw_val_acc": live["val_acc"], "raw_val_loss": live["val_loss"]})
+    metrics.update(evaluate(run.judged, run.val))
     run.schedule.step_epoch(metrics["val_acc"])
     run.epoch += 1
     metrics.update({"lr": lr, "epoch": run.epoch})
@@ -186,12 +232,15 @@ def run_state(run: Run) -> dict:
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "schedule": run.schedule.state_dict(), "epoch": run.epoch,
             "generator": run.generator.get_state(), "rng": rng, "config": run.config.to_dict(),
-            "found_lr": run.found_lr, "range_test": run.range_test}
+            "found_lr": run.found_lr, "range_test": run.range_test,
+            **({"ema": run.ema.state_dict()} if run.ema is not None else {})}
 
 
 def load_run_state(run: Run, state: dict) -> None:
     """Restore `run` from `run_state` output (loaded with weights_only=True)."""
     run.model.load_state_dict(state["model"])
+    if run.ema is not None and "ema" in state:
+        run.ema.load_state_dict(state["ema"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.schedule.load_state_dict(state["schedule"])
     run.epoch = int(state["epoch"])

@@ -42,12 +42,13 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
                     data: DeviceSplit, *, batch_size: int, augment, device: torch.device,
                     label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None,
                     sample_weights: torch.Tensor | None = None,
-                    generator: torch.Generator | None = None) -> dict[str, float]:
+                    generator: torch.Generator | None = None, ema=None) -> dict[str, float]:
     """Train for one pass over `data` (or as many samples drawn by `sample_weights`).
 
     Batches are sliced from the in-memory uint8 tensor and augmented as a whole on
     the device. Returns mean loss, accuracy and images per second; raises
-    `DivergedError` when the loss is not finite.
+    `DivergedError` when the loss is not finite. `ema` (an `AveragedModel` of `model`) is updated
+    after every step.
     """
     model.train()
     n = len(data)
@@ -71,6 +72,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model)
         schedule.step_batch()
         loss_sum += loss.detach() * len(idx)
         if (i // batch_size) % 25 == 24 and not torch.isfinite(loss_sum):  # stop soon, but sync rarely

@@ -22,7 +22,7 @@ from trainables.config import TrialConfig
 from trainables.data import SEARCH_SPLITS, SPLITS, FERData, load_fer2013
 from trainables.errors import UserError
 from trainables.inference import TTA_MODES, predict
-from trainables.runner import build_run, run_epoch
+from trainables.runner import build_run, replan, run_epoch
 from trainables.train import DivergedError
 from trainables.weights import save_weights
 
@@ -135,7 +135,7 @@ def retrain(config: TrialConfig, data: FERData, *, epochs: int, seed: int, threa
                     print(f"{label} re-planned from {epochs} to {fit} epochs: the time budget fits no more at "
                           f"{epoch_seconds:.1f} s per epoch (the schedule anneals over the shorter run)", flush=True)
                     epochs = fit
-                    run.schedule.replan(fit)
+                    replan(run, fit)
                 elif fit <= run.epoch:
                     stopped_early = True
                     print(f"{label} stopped after epoch {run.epoch}/{epochs}: the next would end after the time "
@@ -154,7 +154,7 @@ def retrain(config: TrialConfig, data: FERData, *, epochs: int, seed: int, threa
                 writer.flush()
             # Strictly better only: on a tie the earlier (less trained) epoch is kept.
             if best["state_dict"] is None or metrics["val_acc"] > best["val_acc"]:
-                state = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
+                state = {k: v.detach().to("cpu", copy=True) for k, v in run.judged.state_dict().items()}
                 best = {"state_dict": state, "best_epoch": run.epoch, "val_acc": float(metrics["val_acc"])}
             print(f"{label} epoch {run.epoch}/{epochs}: PublicTest accuracy {metrics['val_acc']:.4f}", flush=True)
     finally:
@@ -162,8 +162,8 @@ def retrain(config: TrialConfig, data: FERData, *, epochs: int, seed: int, threa
             writer.close()
     val_probs = {}
     if best["state_dict"] is not None:
-        run.model.load_state_dict(best["state_dict"])
-        val_probs = {tta: predict(run.model, run.val.x, device=run.device, tta=tta).numpy() for tta in ttas}
+        run.judged.load_state_dict(best["state_dict"])
+        val_probs = {tta: predict(run.judged, run.val.x, device=run.device, tta=tta).numpy() for tta in ttas}
     return {**best, "history": history, "diverged": diverged, "val_probs": val_probs,
             "trained_on": sorted(data.splits), "stopped_early": stopped_early, "not_started": False,
             "planned_epochs": epochs}

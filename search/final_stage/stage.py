@@ -11,6 +11,7 @@ PrivateTest, once per test-time augmentation, and write tables and pictures unde
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -68,6 +69,9 @@ def run_final(settings: Settings, trials: Sequence[TrialRecord], *, clock: Clock
                                                 split)
         candidates = candidates[skip:skip + s.final_top_k]
     epochs = s.final_epochs or s.max_epochs
+    # --ema-fraction: the search's (each trial's config holds it) unless search.final was given another.
+    candidates = [dataclasses.replace(c, config=dataclasses.replace(c.config, ema_fraction=s.ema_fraction))
+                  for c in candidates]
     if any(c.rank != i or c.near_copy_of for i, c in enumerate(candidates, start=1)):
         print("final stage: configurations " + ", ".join(
             c.name + (f" (a near copy of {c.near_copy_of}: the search found nothing else)" if c.near_copy_of else "")

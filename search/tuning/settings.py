@@ -91,6 +91,9 @@ class Settings:
     final: bool = _flag(True, "skip the final retrain/evaluate stage", action="store_false", flag="--no-final")
     report: bool = _flag(True, "skip report.html and its figures at the end (python -m search.report writes them "
                                "later)", action="store_false", flag="--no-report")
+    ema_fraction: float = _flag(0.0, "keep an exponential moving average of each trial's and final run's weights "
+                                     "over this share of the run, judge the run by it and keep it (0: off; "
+                                     "search.final: retrain with it or, at 0, without)")
     final_top_k: int = _flag(3, "retrain the best K configurations")
     final_epochs: int = _flag(0, "epochs per final run", default_text="--max-epochs")
     final_seeds: int = _flag(3, "seeds per configuration (--seed+1, --seed+2, ...: never the search's own)")
@@ -111,12 +114,13 @@ class Settings:
         values = {k: v for k, v in json.loads(text).items() if k in FIELDS}
         if "final_tta" in values:  # JSON has no tuples
             values["final_tta"] = tuple(values["final_tta"])
+        values.setdefault("ema_fraction", 0.0)  # an experiment from before the option trained without it
         return cls(**values)
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Settings)}
 # The flags of the final stage: `search.run` has them, and `search.final` can override them.
-FINAL_FLAGS = ("final_top_k", "final_epochs", "final_seeds", "beta", "final_tta")
+FINAL_FLAGS = ("final_top_k", "final_epochs", "final_seeds", "beta", "final_tta", "ema_fraction")
 
 
 def _registry_type(kind: type, choices: Sequence[str] | None, what: str) -> Callable[[str], Any]:
@@ -189,6 +193,8 @@ def check_settings(s: Settings) -> None:
             raise UserError(f"{flag} must not be negative, got {value}")
     if not 0.0 < s.final_share < 1.0:
         raise UserError(f"--final-share must be in (0, 1), got {s.final_share}")
+    if not 0.0 <= s.ema_fraction < 1.0:
+        raise UserError(f"--ema-fraction must be in [0, 1), got {s.ema_fraction}")
     if s.beta <= 0:
         raise UserError(f"--beta must be positive, got {s.beta}")
     if not s.name or "/" in s.name or s.name in (".", ".."):

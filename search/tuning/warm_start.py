@@ -109,6 +109,9 @@ def comparable(earlier, current, experiment: Path) -> str:
         return (f" (at another fidelity: --train-fraction {earlier.train_fraction:g} and --max-epochs "
                 f"{earlier.max_epochs} there, {current.train_fraction:g} and {current.max_epochs} here, so its "
                 f"values are a prior on this search's, not the same measure)")
+    if earlier.ema_fraction != current.ema_fraction:
+        return (f" (judged with --ema-fraction {earlier.ema_fraction:g} there, {current.ema_fraction:g} here, so "
+                f"its values are a prior on this search's, not the same measure)")
     return ""
 
 

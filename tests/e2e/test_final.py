@@ -253,16 +253,19 @@ def test_training_tasks_are_handed_no_private_test(final_dir):
 
 @pytest.mark.slow
 def test_final_overwrite_with_resource_overrides(final_dir, experiment, tmp_path):
-    """--overwrite replaces an earlier final stage entirely; flags given override settings.json."""
+    """--overwrite replaces an earlier final stage entirely; flags given override settings.json (--ema-fraction
+    too: the search ran without it, this stage retrains keeping the averaged weights)."""
     exp = tmp_path / "X"
     shutil.copytree(experiment["exp"], exp)
     r = run_command("search.final", str(exp), "--data", str(experiment["root"] / "good.csv"), "--overwrite",
                     "--final-top-k", "1", "--final-seeds", "1", "--final-epochs", "1", "--final-tta", "none",
-                    "--cpus-per-trial", "1", "--gpus-per-trial", "0", "--no-report")
+                    "--cpus-per-trial", "1", "--gpus-per-trial", "0", "--no-report", "--ema-fraction", "0.1")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "x 1 seeds for 1 epochs" in r.stdout and "(1 CPU, 0.0 GPU each)" in r.stdout
     weights = sorted(p.name for p in (exp / "final" / "models").glob("*.pt"))
     assert len(weights) == 1 and weights[0].endswith(f"-{RUNS[0]}.pt")  # the earlier second seed's run is gone
+    _, meta = load_weights(exp / "final" / "models" / weights[0])
+    assert meta["config"]["ema_fraction"] == 0.1
     metrics = read_table(exp / "final" / "metrics.csv")
     assert set(metrics["tta"]) == {"none"} and (metrics[metrics["kind"] == "run"]["seed"] == DEMO_SEED + 1).all()
 

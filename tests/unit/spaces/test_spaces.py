@@ -117,3 +117,29 @@ def test_a_config_written_with_lr_replays_under_the_per_optimizer_names():
         "optimizer": "sgd", "lr": 0.01, "weight_decay": 5e-4, "sgd_lr": 0.01}
     out = with_optuna_names({"optimizer": "adamw", "lr_mode": "range_test", "weight_decay": 0.01})
     assert out["adamw_weight_decay"] == 0.01 and "adam_lr" not in out
+
+
+def test_a_search_wide_constant_joins_every_configuration_and_pickles_with_the_searcher():
+    import pickle
+    from functools import partial
+
+    import optuna
+
+    from spaces import get_space, with_constants
+
+    space = partial(with_constants, space=partial(get_space("convnet"), ferplus=False),
+                    constants={"ema_fraction": 0.1})
+    space = pickle.loads(pickle.dumps(space))  # Tune checkpoints the searcher, space included
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    assert space(trial)["ema_fraction"] == 0.1 and "ema_fraction" not in trial.params  # a constant, not drawn
+
+
+def test_the_range_test_knows_where_each_optimizers_good_rates_lie():
+    from spaces import LR_RANGES, lr_name
+    from trainables.lr_range import GOOD_RATES, SWEEP, within_good_rates
+
+    assert {opt: LR_RANGES[lr_name(opt)] for opt in GOOD_RATES} == GOOD_RATES
+    assert SWEEP["sgd"] == pytest.approx((1e-4, 3.0)) and SWEEP["adamw"] == pytest.approx((1e-5, 0.1))
+    assert within_good_rates("sgd", 1e-5) == 1e-3 and within_good_rates("adam", 0.5) == 1e-2
+    assert within_good_rates("adamw", 3e-3) == 3e-3

@@ -238,6 +238,30 @@ def test_suggest_lr_picks_steepest_descent():
     assert suggest_lr(lrs, blown) == lrs[21]
 
 
+def test_a_short_sweep_reads_like_a_long_one():
+    """The rule's skip and smoothing are fixed in decades: a 20-step sweep over 4 decades skips its first 3
+    points (not 10 of its 20) and lags as many decades as torch-lr-finder's default does over 100 steps."""
+    from trainables.lr_range import LAG_DECADES, SKIP_DECADES, skip_points, smoothing
+
+    assert smoothing(1e-6, 3.0, 100) == pytest.approx(0.05, rel=0.01)  # the rule's calibration, kept
+    lag_steps = (1 - smoothing(1e-5, 0.1, 20)) / smoothing(1e-5, 0.1, 20)
+    assert lag_steps * 4 / 20 == pytest.approx(LAG_DECADES)
+    lrs = [10 ** (-5 + i * 4 / 19) for i in range(20)]
+    assert skip_points(lrs) == round(SKIP_DECADES / (4 / 19)) == 3
+    # Falls fastest at the 6th point (1.1e-4): the old fixed skip of 10 points could never suggest it.
+    losses = [2.0, 2.0, 1.99, 1.97, 1.8, 1.3, 1.1, 1.0, 0.98, 0.97] + [1.0 + 0.5 * i for i in range(10)]
+    assert suggest_lr(lrs, losses) == lrs[5]
+    # The old rule skipped past the minimum and fell back to a tenth of its rate.
+    assert suggest_lr(lrs, losses, skip=10) == pytest.approx(lrs[9] / 10)
+
+
+def test_an_hours_trial_affords_a_range_test_up_to_batch_128():
+    from trainables.runner import plan_range_test
+
+    n = round(0.3 * 28709)  # --train-fraction 0.3, first rung at epoch 2
+    assert [plan_range_test(n, b, 2)["steps"] for b in (32, 64, 128, 256)] == [53, 26, 13, 0]
+
+
 def test_weighted_loss_matches_hard_label_semantics():
     from trainables.train import _loss
 
@@ -266,10 +290,13 @@ def test_plateau_does_not_count_warm_up_epochs():
     assert lrs[12] == pytest.approx(0.5)  # one flat epoch after the warm-up: the first cut
 
 
-def test_resumed_run_reproduces_the_uninterrupted_one(demo, one_thread):
+@pytest.mark.parametrize("ema_fraction", [0.0, 0.1])
+def test_resumed_run_reproduces_the_uninterrupted_one(demo, one_thread, ema_fraction):
     """Augmentation and dropout draw from torch's global RNG: the checkpoint carries it, so an
-    interrupted-and-resumed run gives the uninterrupted run's per-epoch PublicTest accuracy."""
-    cfg = {"width": 16, "batch_size": 64, "augment": "trivialaugment", "dropout": 0.3, "lr": 0.05}
+    interrupted-and-resumed run gives the uninterrupted run's per-epoch PublicTest accuracy
+    (the averaged weights too, with EMA)."""
+    cfg = {"width": 16, "batch_size": 64, "augment": "trivialaugment", "dropout": 0.3, "lr": 0.05,
+           "ema_fraction": ema_fraction}
     straight = build_run(cfg, demo, epochs=3, seed=4)
     expected = [run_epoch(straight)["val_acc"] for _ in range(3)]
     first = build_run(cfg, demo, epochs=3, seed=4)
@@ -321,3 +348,45 @@ def test_soft_labels_train_on_vote_distributions():
     assert torch.allclose(run.train.target, soft) and run.model(torch.zeros(2, 1, 48, 48)).shape == (2, 8)
     hard = build_run({"soft_labels": False, "width": 8}, data, epochs=1)
     assert set(hard.train.target.sum(1).tolist()) == {1.0} and hard.train.target.max() == 1.0
+
+
+def test_ema_judges_the_run_by_its_averaged_weights(demo, one_thread):
+    """With ema_fraction the run reports the averaged weights' PublicTest accuracy as val_acc (the live
+    weights' as raw_val_acc), its window is that share of the run at any length, and a retrained run
+    yields the averaged weights of its best epoch."""
+    import dataclasses
+
+    from search.final_stage.retrain import retrain, without_test
+    from trainables.config import TrialConfig
+    from trainables.inference import evaluate
+    from trainables.runner import replan
+
+    cfg = TrialConfig(width=16, batch_size=64, lr=0.05, schedule="onecycle", ema_fraction=0.1)
+    run = build_run(cfg, demo, epochs=10, seed=1)
+    steps = run.schedule.steps_per_epoch
+    assert run.judged is run.ema.module and run.judged is not run.model
+    metrics = run_epoch(run)
+    assert metrics["val_acc"] == evaluate(run.ema.module, run.val)["val_acc"]
+    assert metrics["raw_val_acc"] == evaluate(run.model, run.val)["val_acc"]
+    averaged = next(run.ema.module.parameters())
+    assert not torch.equal(averaged, next(run.model.parameters()))  # an average, not a copy
+    # The window: 10% of 10 epochs of `steps` steps; re-planned to 20 epochs, twice as many steps.
+    x = torch.zeros(1)
+    ema_step = run.ema.multi_avg_fn
+    before = torch.ones(1)
+    ema_step([before], [x], 0)
+    assert 1 - before.item() == pytest.approx(1 / (0.1 * 10 * steps))
+    replan(run, 20)
+    assert run.ema.multi_avg_fn is not ema_step
+    before = torch.ones(1)
+    run.ema.multi_avg_fn([before], [x], 0)
+    assert 1 - before.item() == pytest.approx(1 / (0.1 * 20 * steps))
+    # Off: no average, val_acc is the live weights' and there is no raw_val_acc.
+    plain = build_run(dataclasses.replace(cfg, ema_fraction=0.0), demo, epochs=2, seed=1)
+    assert plain.ema is None and plain.judged is plain.model and "raw_val_acc" not in run_epoch(plain)
+    out = retrain(cfg, without_test(demo), epochs=3, seed=1, ttas=["none"])
+    model = build_run(cfg, demo, epochs=3, seed=1).model
+    model.load_state_dict(out["state_dict"])
+    best = max(out["history"], key=lambda m: m["val_acc"])
+    assert evaluate(model, run.val)["val_acc"] == pytest.approx(best["val_acc"]) == out["val_acc"]
+    assert all("raw_val_acc" in m for m in out["history"])

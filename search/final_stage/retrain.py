@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from search.final_stage.candidates import Candidate
-from search.tuning.cluster import start_ray, trial_resources
+from search.tuning.cluster import memory_limits, start_ray, trial_request, trial_resources
 from search.tuning.settings import Settings
 from trainables.calibration import fit_temperature
 from trainables.config import TrialConfig
@@ -185,8 +185,11 @@ def _get(ref):
 
 def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, epochs: int,
                 out: Path, ttas: Sequence[str] = TTA_MODES, deadline: float | None = None) -> list[FinalRun]:
-    """Retrain every candidate with every seed as parallel Ray tasks (trial resources each); save the weights.
+    """Retrain every candidate with every seed as parallel Ray tasks; save the weights.
 
+    Each task asks for what a trial of its configuration asked for (`task_options`): the CPUs,
+    a GPU share that holds its estimated memory and its host memory, so that two large
+    configurations the search ran one per GPU do not share a card here.
     `deadline` (a `time.time()` value) is when every run must have finished training.
     """
     import ray
@@ -196,15 +199,18 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
     pending: list = []
     try:
         resources, _ = trial_resources(s, cluster)
-        task = ray.remote(retrain).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"])
+        limits = memory_limits(bool(resources["gpu"]))
+        task = ray.remote(retrain)
         data_ref = ray.put(without_test(data))
         jobs = {}
         for cand in candidates:
+            options = task_options(cand.config, resources, limits, data.num_classes)
             for seed in seeds_of(s):
                 name = run_name(cand.name, seed)
                 board = (out / "tensorboard" / name).resolve()
-                ref = task.remote(cand.config, data_ref, epochs=epochs, seed=seed, threads=s.cpus_per_trial,
-                                  tensorboard_dir=str(board), label=name, ttas=list(ttas), deadline=deadline)
+                ref = task.options(**options).remote(cand.config, data_ref, epochs=epochs, seed=seed,
+                                                     threads=s.cpus_per_trial, tensorboard_dir=str(board),
+                                                     label=name, ttas=list(ttas), deadline=deadline)
                 jobs[ref] = (cand, seed, board)
         print(f"final stage: retraining {len(candidates)} configurations x {s.final_seeds} seeds "
               f"for {epochs} epochs on {len(data.train)} Training images "
@@ -227,6 +233,17 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
         if started:
             ray.shutdown()
     return sorted(runs, key=lambda r: (r.candidate.rank, r.seed))
+
+
+def task_options(config: TrialConfig, resources: dict, limits: dict[str, float], num_classes: int) -> dict:
+    """The Ray task options of one final run: the resource request a trial of `config` gets
+    (`search.tuning.cluster.trial_request`), as num_cpus, num_gpus and memory."""
+    bundle = trial_request(config.to_dict(), cpus=resources["cpu"], gpus=resources["gpu"], limits=limits,
+                           num_classes=num_classes).bundles[0]
+    options = {"num_cpus": bundle.get("CPU", 0), "num_gpus": bundle.get("GPU", 0)}
+    if bundle.get("memory"):
+        options["memory"] = int(bundle["memory"])
+    return options
 
 
 def seeds_of(s: Settings) -> list[int]:

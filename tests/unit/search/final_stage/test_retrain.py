@@ -37,3 +37,20 @@ def test_retrain_keeps_its_best_public_test_epoch(tmp_path, monkeypatch):
     model.load_state_dict(snapshots[2])
     assert not np.allclose(out["val_probs"]["none"], predict(model, data.val.x).numpy(), atol=1e-6)
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_a_final_run_asks_for_what_a_trial_of_its_configuration_asks_for():
+    """Final tasks used to ask for --gpus-per-trial and CPUs only: two large configurations the search ran
+    one per GPU then shared a card. Now each asks for its estimated GPU share and host memory."""
+    from search.final_stage.retrain import task_options
+    from trainables.config import TrialConfig
+
+    small, large = TrialConfig(arch="convnet", width=16, batch_size=32), TrialConfig(arch="resnet50", batch_size=256)
+    on_gpu = {"cpu": 1, "gpu": 0.25}
+    card = {"cuda": 4 * 2**30}  # ResNet-50 at batch 256: about 3.2 GiB estimated in bf16
+    assert task_options(small, on_gpu, card, 7) == {"num_cpus": 1, "num_gpus": 0.25}
+    big = task_options(large, on_gpu, card, 7)
+    assert big["num_cpus"] == 1 and 0.5 < big["num_gpus"] <= 1.0  # more than half the card: alone on it
+    on_cpu = task_options(large, {"cpu": 2, "gpu": 0.0}, {"cpu": 16 * 2**30}, 7)
+    assert on_cpu["num_cpus"] == 2 and on_cpu["num_gpus"] == 0
+    assert on_cpu["memory"] > task_options(small, {"cpu": 2, "gpu": 0.0}, {"cpu": 16 * 2**30}, 7)["memory"]

@@ -59,8 +59,11 @@ def test_failing_and_diverging_trials_do_not_stop_the_search(tmp_path):
     # turns NaN (mixup) or infinite (batch 128).
     env = {"FER_INJECT_FAILURE": "optimizer=sgd@1;optimizer=adam@1:2",
            "FER_INJECT_DIVERGE": "augment=mixup@1:nan;batch_size=128@1:inf"}
+    # All 5 trials at once on the 1-CPU slots: those waiting for a slot take a finished trial's worker
+    # (reuse needs a trial waiting when one ends; with --max-concurrent at the CPU count none may be,
+    # and a fresh clone's run once reused no worker at all).
     r = run_command("search.run", *COMMON, "--num-samples", "5", "--max-failures", "2", "--results", str(tmp_path),
-                    "--name", "f", env=env)
+                    "--name", "f", "--max-concurrent", "5", env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     exp = tmp_path / "f"
     df = read_table(exp / "trials.csv")

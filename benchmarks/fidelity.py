@@ -39,10 +39,12 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from search.final_stage.retrain import retrain  # noqa: E402
+from search.run import load_search_data  # noqa: E402
+from search.tuning.settings import Settings  # noqa: E402
 from search.tuning.warm_start import KNOWN_GOOD  # noqa: E402
 from spaces import get_space  # noqa: E402
 from trainables.config import TrialConfig  # noqa: E402
-from trainables.data import SEARCH_SPLITS, FERData, load_fer2013, stratified_fraction  # noqa: E402
+from trainables.data import FERData  # noqa: E402
 from trainables.runner import build_run, run_epoch  # noqa: E402
 
 
@@ -65,11 +67,9 @@ def configs(n: int, seed: int, ema_fraction: float) -> list[dict]:
 
 
 def _data(path: str, fraction: float, seed: int) -> FERData:
-    data = load_fer2013(path, splits=SEARCH_SPLITS, seed=seed)  # never PrivateTest
-    if fraction < 1.0:
-        data = FERData(classes=data.classes, source=data.source,
-                       splits={**data.splits, "Training": stratified_fraction(data.train, fraction, seed=seed)})
-    return data
+    """Training (a stratified `fraction`) and PublicTest, as the search loads them: never PrivateTest."""
+    return load_search_data(Settings(space="convnet", name="fidelity", data=path, train_fraction=fraction,
+                                     seed=seed))
 
 
 def measure(index: int, config: dict, a: argparse.Namespace) -> list[dict]:
@@ -137,7 +137,7 @@ def plot(table: pd.DataFrame, path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default="data/fer2013.csv", help="FER2013 as Kaggle's fer2013.csv (or its npz copy)")
+    p.add_argument("--data", default="data/fer2013.csv", help="FER2013 as Kaggle's fer2013.csv")
     p.add_argument("--configs", type=int, default=8)
     p.add_argument("--search-epochs", type=int, default=5)
     p.add_argument("--train-fraction", type=float, default=0.3)

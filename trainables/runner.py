@@ -123,6 +123,12 @@ def _imbalance(mode: str, counts: torch.Tensor, y: torch.Tensor) -> tuple[torch.
     return None, None
 
 
+def affordable_steps(n_train: int, batch_size: int, planned_epochs: int) -> int:
+    """Steps of `batch_size` within RANGE_TEST_SHARE of `planned_epochs` over `n_train` images, at most
+    RANGE_TEST_MAX_STEPS (before the floor: `plan_range_test` skips fewer than RANGE_TEST_MIN_STEPS)."""
+    return int(min(RANGE_TEST_MAX_STEPS, RANGE_TEST_SHARE * n_train * planned_epochs // batch_size))
+
+
 def plan_range_test(n_train: int, batch_size: int, planned_epochs: int) -> dict:
     """The LR range test a run may afford: at most RANGE_TEST_SHARE of the images it plans to train on.
 
@@ -132,8 +138,7 @@ def plan_range_test(n_train: int, batch_size: int, planned_epochs: int) -> dict:
     optimizer's FALLBACK_LR is used. Returns steps (0 when skipped), images, seconds (0 until
     run) and `note` (why it was skipped, else "").
     """
-    budget = RANGE_TEST_SHARE * n_train * planned_epochs
-    steps = int(min(RANGE_TEST_MAX_STEPS, budget // batch_size))
+    steps = affordable_steps(n_train, batch_size, planned_epochs)
     if steps < RANGE_TEST_MIN_STEPS:
         return {"steps": 0, "images": 0, "seconds": 0.0,
                 "note": f"range test skipped: {RANGE_TEST_SHARE:.0%} of {n_train} images x {planned_epochs} "

@@ -46,7 +46,11 @@ def check_local_gpus(s: Settings) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise UserError(f"--gpus-per-trial {s.gpus_per_trial} but this machine has no GPU; use --gpus-per-trial 0")
+            raise _no_gpu(s.gpus_per_trial)
+
+
+def _no_gpu(gpus: float) -> UserError:
+    return UserError(f"--gpus-per-trial {gpus} but this machine has no GPU; use --gpus-per-trial 0")
 
 
 def trial_resources(s: Settings, cluster: dict) -> tuple[dict, int]:
@@ -56,7 +60,7 @@ def trial_resources(s: Settings, cluster: dict) -> tuple[dict, int]:
         gpus = 0.5 if cluster.get("GPU", 0) else 0.0
     if not s.address:  # a cluster's autoscaler may still add nodes; a local machine will not grow
         if gpus > 0 and not cluster.get("GPU", 0):
-            raise UserError(f"--gpus-per-trial {gpus} but this machine has no GPU; use --gpus-per-trial 0")
+            raise _no_gpu(gpus)
         if s.cpus_per_trial > cluster.get("CPU", 1):
             raise UserError(f"--cpus-per-trial {s.cpus_per_trial} but this machine has "
                             f"{int(cluster.get('CPU', 1))} CPUs")

@@ -390,3 +390,22 @@ def test_ema_judges_the_run_by_its_averaged_weights(demo, one_thread):
     best = max(out["history"], key=lambda m: m["val_acc"])
     assert evaluate(model, run.val)["val_acc"] == pytest.approx(best["val_acc"]) == out["val_acc"]
     assert all("raw_val_acc" in m for m in out["history"])
+
+
+def test_scoring_in_channels_last_gives_the_same_probabilities_and_leaves_the_weights_as_they_were():
+    from trainables.augment import normalize
+    from trainables.device import prepare_batch
+    from trainables.inference import predict
+
+    torch.manual_seed(0)
+    model = build_model("convnet", num_classes=7, width=16).eval()
+    x = torch.randint(0, 255, (40, 1, 48, 48), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = model(normalize(prepare_batch(x, torch.device("cpu")))).softmax(1)
+    conv = next(p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1)
+    assert conv.is_contiguous()
+    assert torch.allclose(predict(model, x), expected, atol=1e-5)
+    assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)  # restored
+    model.to(memory_format=torch.channels_last)  # a trial's model stays as it is
+    assert torch.allclose(predict(model, x), expected, atol=1e-5)
+    assert conv.is_contiguous(memory_format=torch.channels_last)

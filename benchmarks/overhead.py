@@ -22,6 +22,7 @@ trial's start, reporting, scheduling gaps, Tune's end; see `Timeline.breakdown`)
 from __future__ import annotations
 
 import argparse
+import io
 import multiprocessing as mp
 import sys
 import tempfile
@@ -35,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ray.tune import Callback  # noqa: E402
 
 from search.run import build_tuner, load_search_data  # noqa: E402
-from search.tuning.callbacks import TrialsCsvWriter  # noqa: E402
+from search.tuning.callbacks import SearchConsole, TrialsCsvWriter  # noqa: E402
 from search.tuning.cluster import start_ray, tolerate_lost_workers, trial_resources  # noqa: E402
+from search.tuning.console import Console  # noqa: E402
 from search.tuning.settings import parse_settings  # noqa: E402
 from trainables.files import write_csv  # noqa: E402
 
@@ -121,9 +123,12 @@ def search_part(a, results: Path, *, reuse: bool, ray_start: float, cluster: dic
     data = load_search_data(s)  # the same for both parts: not counted
     resources, slots = trial_resources(s, cluster)
     timeline = Timeline()
+    # What search.run adds besides: its console (printed to memory here, to keep the table readable).
+    watch = SearchConsole(Console(io.StringIO(), live=False), max_epochs=s.max_epochs, rungs=[],
+                          num_samples=s.num_samples)
     started = time.perf_counter()
     tuner = build_tuner(s, data, s.experiment_dir, resources, slots, TrialsCsvWriter(s.experiment_dir, s.max_epochs),
-                        reuse_actors=reuse, callbacks=[timeline])
+                        reuse_actors=reuse, callbacks=[timeline, watch])
     fit_start = time.perf_counter()
     grid = tuner.fit()
     fit_end = time.perf_counter()

@@ -25,14 +25,14 @@ OVERRIDABLE = (*FINAL_FLAGS, "address", "data", "cpus_per_trial", "gpus_per_tria
 
 def build_parser() -> Parser:
     """The `python -m search.final` command line; a flag left out keeps the experiment's settings.json value
-    (but --time-budget, which bounds this command alone: no limit unless given)."""
+    (but --time-budget, which bounds this command alone: no limit unless given, and --verbose)."""
     p = Parser(prog="python -m search.final",
                description="Run the final stage alone on a finished or interrupted experiment: retrain the best "
                            "configurations and evaluate them on PrivateTest. Flags left out keep the values in "
                            "the experiment's settings.json.")
     p.add_argument("experiment", help="the experiment folder, e.g. results/<name>")
     add_flags(p, OVERRIDABLE, from_experiment=True)
-    add_flags(p, ["time_budget"])
+    add_flags(p, ["time_budget", "verbose"])
     p.add_argument("--overwrite", action="store_true", help="replace an earlier final stage of this experiment")
     p.add_argument("--no-report", action="store_true",
                    help="skip report.html and its figures at the end (python -m search.report writes them later)")
@@ -44,7 +44,7 @@ def parse_final(argv: Sequence[str] | None = None) -> tuple[Settings, bool, bool
     --overwrite and --no-report flags."""
     a = build_parser().parse_args(argv)
     s = read_settings(Path(a.experiment))
-    overrides = {key: getattr(a, key) for key in (*OVERRIDABLE, "time_budget") if hasattr(a, key)}
+    overrides = {key: getattr(a, key) for key in (*OVERRIDABLE, "time_budget", "verbose") if hasattr(a, key)}
     if "final_tta" in overrides:
         overrides["final_tta"] = tuple(overrides["final_tta"])
     s = dataclasses.replace(s, **overrides)

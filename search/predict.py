@@ -23,10 +23,12 @@ from typing import Iterator, Sequence
 import cv2
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from search.serving.deploy import SIZE, Loaded, load_classifier
 from search.serving.faces import Box, crop_face, make_detector, quiet_opencv, to_gray, whole_crop
 from search.tuning.cli import Parser, run_cli
+from search.tuning.console import is_terminal
 from trainables.errors import UserError
 from trainables.files import atomic_path, write_csv
 
@@ -51,7 +53,7 @@ class Outcome:
 
     def fail(self, name: str, reason: str) -> None:
         self.failed.append(name)
-        print(f"error: {name}: {reason}", file=sys.stderr, flush=True)
+        tqdm.write(f"error: {name}: {reason}", file=sys.stderr)
 
 
 @dataclass
@@ -161,7 +163,7 @@ def predict_picture(p: Predictor, item: Input, out_dir: Path, result: Outcome, *
     rows = p.rows(name, None, boxes, crops)
     if not rows:
         result.faceless.append(name)
-        print(f"warning: {name}: no face found", file=sys.stderr, flush=True)
+        tqdm.write(f"warning: {name}: no face found", file=sys.stderr)
     result.rows.extend(rows)
     if p.annotate:
         # the same format as the input where OpenCV writes it, else PNG
@@ -214,14 +216,18 @@ def predict_video(p: Predictor, item: Input, out_dir: Path, result: Outcome, *, 
                           f"(the faces of those are kept)")
     result.frames += looked
     if index and len(result.rows) == before:
-        print(f"warning: {name}: no face found in the {looked} frame(s) looked at", file=sys.stderr, flush=True)
+        tqdm.write(f"warning: {name}: no face found in the {looked} frame(s) looked at", file=sys.stderr)
 
 
 def predict_inputs(p: Predictor, inputs: Sequence[str], out_dir: Path, *, every: int, no_detect: bool) -> Outcome:
     """Every input in order; the predictions are written even when a later input fails or Ctrl-C stops the run."""
     result = Outcome()
     try:
-        for item in list_inputs(inputs, result, out_dir):
+        items = list(list_inputs(inputs, result, out_dir))
+        # A bar of inputs on a terminal (stderr, beside the warnings, which tqdm prints above it); nothing
+        # redrawn in a log.
+        for item in tqdm(items, desc="inputs", unit="input", file=sys.stderr, disable=not is_terminal(sys.stderr),
+                         leave=False, dynamic_ncols=True):
             suffix = item.file.suffix.lower()
             if suffix in IMAGE_SUFFIXES or (suffix not in VIDEO_SUFFIXES and cv2.haveImageReader(str(item.file))):
                 predict_picture(p, item, out_dir, result, no_detect=no_detect)

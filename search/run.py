@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import Sequence
 
-from search.tuning.budget import Clock, SearchBudget, TimeSplit, command_started, search_budget, set_active
+from search.tuning.budget import Clock, SearchBudget, TimeSplit, active, command_started, search_budget, set_active
 from search.tuning.cli import Parser, run_cli
 from search.tuning.cluster import (
     check_local_gpus,
@@ -26,6 +26,7 @@ from search.tuning.cluster import (
     trial_request,
     trial_resources,
 )
+from search.tuning.console import Console
 from search.tuning.records import UNFINISHED, TrialRecord, schedule_in_epochs, trials_table, write_trials_csv
 from search.tuning.settings import Settings, parse_settings, settings_parser
 from search.tuning.storage import TUNE_DIR, experiment_root, resolve, tune_location, tune_started
@@ -121,11 +122,9 @@ def asha_rungs(s: Settings) -> list[int]:
 
 
 def seed_study(s: Settings, offer_weights: bool) -> StudySeed:
-    """What the study starts from: --warm-start's trials, the known-good configs; prints what it holds."""
+    """What the study starts from: --warm-start's trials, the known-good configs (its `notes` say which)."""
     seed = study_seed(s.space, ferplus=s.labels == "ferplus", offer_weights=offer_weights,
                       warm_start=s.warm_start, use_known_good=s.known_good, current=s)
-    for note in seed.notes:
-        print(note)
     return seed
 
 
@@ -150,13 +149,14 @@ def tpe_sampler(seed: int, n_startup_trials: int):
 
 def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurrent: int, writer, *,
                 offer_weights: bool = False, study: StudySeed | None = None, stoppers: Sequence = (),
-                callbacks: Sequence = (), reuse_actors: bool = True):
+                callbacks: Sequence = (), reuse_actors: bool = True, pruner=None):
     """The Tuner: OptunaSearch (TPE or random, seeded) + ASHA or FIFO, or the restored one with --resume.
 
     `study` is what the study starts from (`seed_study`, made here when not given); the study itself
     is written to `optuna.db` in the experiment folder (`search.tuning.study`); `stoppers` are
     Tune stoppers besides the time budget's (the benchmarks stop at a number of trial epochs), and
-    `callbacks` Tune callbacks besides `writer` (the benchmarks' timelines).
+    `callbacks` Tune callbacks besides `writer` (the benchmarks' timelines), `pruner` the
+    `CheckpointPruner` (made here when not given; the caller keeps it to prune once more at the end).
     `reuse_actors`: a finished trial's worker process runs the next trial with the same resource
     request (Tune keys its cached workers by the request, so a trial that needs more memory gets a
     worker of its own), instead of a new process importing PyTorch again (benchmarks/overhead.py
@@ -170,12 +170,10 @@ def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurre
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.stopper import CombinedStopper
 
-    from search.tuning.callbacks import BudgetStopper, TrackedOptunaSearch
+    from search.tuning.callbacks import BudgetStopper, CheckpointPruner, TrackedOptunaSearch
     from trainables.tune_trainable import train_fer
 
     limits = memory_limits(bool(resources["gpu"]))
-    print(f"memory for one trial: at most {limits['cpu'] / 2**30:.1f} GiB (the largest node's share for trials)"
-          + (f", {limits['cuda'] / 2**30:.1f} GiB per GPU" if "cuda" in limits else ""))
     # Each trial asks Ray for the memory its configuration needs (see trainables.memory).
     request = partial(trial_request, cpus=resources["cpu"], gpus=resources["gpu"], limits=limits,
                       num_classes=data.num_classes)
@@ -210,10 +208,44 @@ def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurre
                                     num_samples=s.num_samples, reuse_actors=reuse_actors,
                                     trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(
-            name=TUNE_DIR, storage_path=storage, verbose=1, stop=CombinedStopper(BudgetStopper(), *stoppers),
+            # Ray's own status tables and per-trial boxes with --verbose only (search.tuning.console draws
+            # the default console); each trial's stdout and stderr also go to files in its folder.
+            # (sync_artifacts copies those files from the trial's working folder into its folder, with each
+            # checkpoint and at its end.)
+            name=TUNE_DIR, storage_path=storage, verbose=1 if s.verbose else 0, log_to_file=True,
+            sync_config=tune.SyncConfig(sync_artifacts=True),
+            stop=CombinedStopper(BudgetStopper(), *stoppers),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=[writer, *callbacks]),
+            # Every checkpoint kept by Tune; CheckpointPruner deletes what the saved experiment state no
+            # longer names (Tune's num_to_keep deletes before the state naming the successor is saved).
+            checkpoint_config=tune.CheckpointConfig(), callbacks=[writer, pruner or CheckpointPruner(tune_path),
+                                                                  *callbacks]),
     )
+
+
+def header(s: Settings, data: FERData, resources: dict, concurrent: int, budget: SearchBudget | None,
+           study: StudySeed | None) -> list[str]:
+    """The lines a search starts with: the experiment, its data, its budget, its resources, what the study holds."""
+    rungs = asha_rungs(s)[:-1]
+    judged = f"ASHA at epochs {', '.join(map(str, rungs))}" if rungs else "no early stopping"
+    lines = [f"experiment {s.experiment_dir}: space {s.space}, {s.num_samples} trials of up to {s.max_epochs} "
+             f"epochs ({judged}), searcher {s.searcher}, seed {s.seed}" + (" (resumed)" if s.resume else ""),
+             f"data: {data.source}, {len(data.train)} Training images"
+             + (f" ({100 * s.train_fraction:.0f}%)" if s.train_fraction < 1 else "")
+             + f", {len(data.val)} PublicTest images (PrivateTest is read by the final stage only)"]
+    if budget:
+        lines.append(f"time budget: {s.time_budget:.0f} s from the command's start ({budget.clock.elapsed():.0f} s "
+                     f"gone); the search stops in time to leave the final stage at most "
+                     f"{100 * budget.share:.0f}% of it" if budget.final else
+                     f"time budget: {s.time_budget:.0f} s from the command's start, all of it the search's")
+    limits = memory_limits(bool(resources["gpu"]))
+    lines.append(f"resources: {concurrent} trial(s) at once, {resources['cpu']} CPU and {resources['gpu']} GPU each; "
+                 f"at most {limits['cpu'] / 2**30:.1f} GiB of memory per trial"
+                 + (f", {limits['cuda'] / 2**30:.1f} GiB per GPU" if "cuda" in limits else ""))
+    lines.extend(study.notes if study else [])
+    lines.append(f"watch it: tensorboard --logdir {experiment_root(s.experiment_dir, s.storage)}"
+                 + ("" if s.verbose else "; Ray's own tables and worker logs: --verbose"))
+    return lines
 
 
 def print_summary(df, exp: Path, storage: str = "") -> None:
@@ -243,18 +275,19 @@ def run_search(s: Settings, started: float | None = None) -> int:
     resources, concurrent = trial_resources(s, cluster)
     # settings.json records what the experiment ran with, not the flags' placeholders.
     s = dataclasses.replace(s, gpus_per_trial=resources["gpu"], max_concurrent=concurrent)
-    from search.tuning.callbacks import TrialsCsvWriter
+    from search.tuning.callbacks import CheckpointPruner, SearchConsole, TrialsCsvWriter
 
+    console = Console(live=False if s.verbose else None)  # Ray's own prints would break a redrawn line
+    watch = SearchConsole(console, max_epochs=s.max_epochs, rungs=asha_rungs(s)[:-1], num_samples=s.num_samples,
+                          budget=active)
+    pruner = CheckpointPruner(tune_location(exp, s.storage))
     tuner = build_tuner(s, data, exp, resources, concurrent, TrialsCsvWriter(exp, s.max_epochs),
-                        offer_weights=offer_weights, study=study)
+                        offer_weights=offer_weights, study=study, callbacks=[watch], pruner=pruner)
     write_text(exp / "settings.json", s.to_json())
-    print(f"experiment {exp}: space {s.space}, {len(data.train)} training images, "
-          f"{len(data.val)} PublicTest images, {s.num_samples} trials")
     budget = search_budget(s, clock, data, concurrent) if clock else None
     split = TimeSplit(budget=s.time_budget, startup=clock.elapsed()) if clock else None
-    if clock:
-        print(f"time budget {s.time_budget:.0f} s from the start of the command ({split.startup:.0f} s gone): "
-              f"the search stops in time to leave the final stage at most {100 * budget.share:.0f}% of it")
+    for line in header(s, data, resources, concurrent, budget, study):
+        console.event(line)
     set_active(budget)
     failed: dict[str, str] = {}
     try:
@@ -263,6 +296,8 @@ def run_search(s: Settings, started: float | None = None) -> int:
         pass
     finally:
         set_active(None)
+        console.close()
+    pruner.prune(final=True)  # the state Tune saved at its end names each trial's last checkpoint
     trials = write_trials_csv(exp, s.max_epochs, failed=failed, storage=s.storage)
     settle_finished(exp, trials)  # trials a stopper ended, as trials.csv has them
     print_summary(trials_table(trials), exp, s.storage)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from search.final_stage.candidates import Candidate
 from search.tuning.cluster import memory_limits, start_ray, trial_request, trial_resources
+from search.tuning.console import RunBars, show_progress
 from search.tuning.settings import Settings
 from trainables.calibration import fit_temperature
 from trainables.config import TrialConfig
@@ -99,7 +100,7 @@ def _open_writer(tensorboard_dir: str | None):
 
 def retrain(config: TrialConfig, data: FERData, *, epochs: int, seed: int, threads: int = 1,
             tensorboard_dir: str | None = None, label: str = "", ttas: Sequence[str] = TTA_MODES,
-            deadline: float | None = None) -> dict:
+            deadline: float | None = None, progress: Callable[[dict], None] | None = None) -> dict:
     """Train `config` from scratch for `epochs`, keeping the weights of its best PublicTest epoch.
 
     Plain PyTorch (the final stage runs it as a Ray task). Returns the best epoch's
@@ -114,13 +115,16 @@ def retrain(config: TrialConfig, data: FERData, *, epochs: int, seed: int, threa
     epoch time, the run is re-planned to the epochs that do (`planned_epochs`), and its schedule,
     whose settings are fractions of the run, still warms up and anneals over that shorter run. A
     run that still meets the deadline stops after the last epoch that ends before it, mid-schedule:
-    `stopped_early` says so.
+    `stopped_early` says so. `progress` is sent each epoch (`{"run", "epoch", "epochs", "val_acc"}`) and
+    each note (`{"run", "note"}`) as it happens (the final stage shows them on the driver's console); by
+    default they are printed.
     """
+    tell = progress or _print_progress
     if set(data.splits) - set(SEARCH_SPLITS):
         raise ValueError(f"a retraining run may see only {SEARCH_SPLITS}, got {sorted(data.splits)}")
     best: dict = {"state_dict": None, "best_epoch": 0, "val_acc": float("nan")}
     if deadline and time.time() >= deadline:
-        print(f"{label} not started: the time budget has ended", flush=True)
+        tell({"run": label, "note": f"{label} not started: the time budget has ended"})
         return {**best, "history": [], "diverged": "", "val_probs": {}, "trained_on": sorted(data.splits),
                 "stopped_early": False, "not_started": True, "planned_epochs": 0}
     torch.set_num_threads(max(1, threads))
@@ -132,14 +136,15 @@ def retrain(config: TrialConfig, data: FERData, *, epochs: int, seed: int, threa
             if deadline and history:
                 fit = run.epoch + int(max(0.0, deadline - time.time()) // max(epoch_seconds, 1e-6))
                 if run.epoch < fit < epochs:
-                    print(f"{label} re-planned from {epochs} to {fit} epochs: the time budget fits no more at "
-                          f"{epoch_seconds:.1f} s per epoch (the schedule anneals over the shorter run)", flush=True)
+                    tell({"run": label, "note": f"{label} re-planned from {epochs} to {fit} epochs: the time budget "
+                                                f"fits no more at {epoch_seconds:.1f} s per epoch (the schedule "
+                                                f"anneals over the shorter run)"})
                     epochs = fit
                     replan(run, fit)
                 elif fit <= run.epoch:
                     stopped_early = True
-                    print(f"{label} stopped after epoch {run.epoch}/{epochs}: the next would end after the time "
-                          f"budget", flush=True)
+                    tell({"run": label, "note": f"{label} stopped after epoch {run.epoch}/{epochs}: the next "
+                                                f"would end after the time budget"})
                     break
             epoch_start = time.time()
             try:
@@ -156,7 +161,7 @@ def retrain(config: TrialConfig, data: FERData, *, epochs: int, seed: int, threa
             if best["state_dict"] is None or metrics["val_acc"] > best["val_acc"]:
                 state = {k: v.detach().to("cpu", copy=True) for k, v in run.judged.state_dict().items()}
                 best = {"state_dict": state, "best_epoch": run.epoch, "val_acc": float(metrics["val_acc"])}
-            print(f"{label} epoch {run.epoch}/{epochs}: PublicTest accuracy {metrics['val_acc']:.4f}", flush=True)
+            tell({"run": label, "epoch": run.epoch, "epochs": epochs, "val_acc": float(metrics["val_acc"])})
     finally:
         if writer:
             writer.close()
@@ -167,6 +172,15 @@ def retrain(config: TrialConfig, data: FERData, *, epochs: int, seed: int, threa
     return {**best, "history": history, "diverged": diverged, "val_probs": val_probs,
             "trained_on": sorted(data.splits), "stopped_early": stopped_early, "not_started": False,
             "planned_epochs": epochs}
+
+
+def _print_progress(event: dict) -> None:
+    """`retrain`'s progress where nobody collects it: one line per epoch or note."""
+    if "epoch" in event:
+        print(f"{event['run']} epoch {event['epoch']}/{event['epochs']}: PublicTest accuracy "
+              f"{event['val_acc']:.4f}", flush=True)
+    else:
+        print(event["note"], flush=True)
 
 
 # --------------------------------------------------------------------------- every run, in parallel
@@ -193,15 +207,20 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
     `deadline` (a `time.time()` value) is when every run must have finished training.
     """
     import ray
+    from ray.util.queue import Queue
 
     started = not ray.is_initialized()  # search.run has already started (or joined) Ray
     cluster = start_ray(s) if started else ray.cluster_resources()
     pending: list = []
+    bars, queue = RunBars(live=False if s.verbose else None), None
     try:
         resources, _ = trial_resources(s, cluster)
         limits = memory_limits(bool(resources["gpu"]))
         task = ray.remote(retrain)
         data_ref = ray.put(without_test(data))
+        # The runs' epochs and notes reach the driver through a queue (an actor that takes no CPU
+        # from the runs), so they are shown here whether or not the workers' output is.
+        queue = Queue(actor_options={"num_cpus": 0})
         jobs = {}
         for cand in candidates:
             options = task_options(cand.config, resources, limits, data.num_classes)
@@ -210,29 +229,47 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
                 board = (out / "tensorboard" / name).resolve()
                 ref = task.options(**options).remote(cand.config, data_ref, epochs=epochs, seed=seed,
                                                      threads=s.cpus_per_trial, tensorboard_dir=str(board),
-                                                     label=name, ttas=list(ttas), deadline=deadline)
+                                                     label=name, ttas=list(ttas), deadline=deadline,
+                                                     progress=queue.put_nowait)
                 jobs[ref] = (cand, seed, board)
-        print(f"final stage: retraining {len(candidates)} configurations x {s.final_seeds} seeds "
-              f"for {epochs} epochs on {len(data.train)} Training images "
-              f"({resources['cpu']} CPU, {resources['gpu']} GPU each)", flush=True)
+        bars.note(f"final stage: retraining {len(candidates)} configurations x {s.final_seeds} seeds "
+                  f"for {epochs} epochs on {len(data.train)} Training images "
+                  f"({resources['cpu']} CPU, {resources['gpu']} GPU each)")
         runs, pending = [], list(jobs)
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+            done, pending = ray.wait(pending, num_returns=1, timeout=REFRESH_SECONDS)
+            _show_queued(queue, bars)
+            if not done:
+                continue
             cand, seed, board = jobs[done[0]]
             result = _get(done[0])
-            run = save_run(result, cand, seed, s, data, out, board)
+            _show_queued(queue, bars)  # the run's last epochs, before its result line
+            run = save_run(result, cand, seed, s, data, out, board, say=bars.note)
             if run:
                 runs.append(run)
-                print(f"final run {run.name}: best PublicTest accuracy {run.val_acc:.4f} at epoch "
-                      f"{run.best_epoch} ({len(jobs) - len(pending)}/{len(jobs)} done)", flush=True)
+                bars.note(f"final run {run.name}: best PublicTest accuracy {run.val_acc:.4f} at epoch "
+                          f"{run.best_epoch} ({len(jobs) - len(pending)}/{len(jobs)} done)")
     except BaseException:
         for ref in pending:  # a failed run or Ctrl-C: do not leave the others training on a shared cluster
             ray.cancel(ref, force=True)
         raise
     finally:
+        bars.close()
+        if queue is not None:
+            queue.shutdown()
         if started:
             ray.shutdown()
     return sorted(runs, key=lambda r: (r.candidate.rank, r.seed))
+
+
+REFRESH_SECONDS = 0.5  # how often the driver shows the runs' progress
+
+
+def _show_queued(queue, bars: RunBars) -> None:
+    """Show every progress event the runs have sent since the last call."""
+    size = queue.qsize()
+    for event in queue.get_nowait_batch(size) if size else []:
+        show_progress(event, bars)
 
 
 def task_options(config: TrialConfig, resources: dict, limits: dict[str, float], num_classes: int) -> dict:
@@ -256,16 +293,17 @@ def seeds_of(s: Settings) -> list[int]:
 
 
 def save_run(result: dict, cand: Candidate, seed: int, s: Settings, data: FERData, out: Path,
-             board: Path) -> FinalRun | None:
-    """Write a finished task's best weights (+ config JSON) and make sure its TensorBoard scalars exist here."""
+             board: Path, say: Callable[[str], None] = print) -> FinalRun | None:
+    """Write a finished task's best weights (+ config JSON) and make sure its TensorBoard scalars exist here;
+    `say` shows why a run was left out."""
     name = run_name(cand.name, seed)
     if result["history"] and not any(board.glob("events.out.tfevents.*")):
         write_scalars(board, result["history"])  # the task ran on another node, whose disk we cannot see
     if result["not_started"]:
-        print(f"final run {name}: not started, the time budget had ended; left out", flush=True)
+        say(f"final run {name}: not started, the time budget had ended; left out")
         return None
     if result["state_dict"] is None:
-        print(f"final run {name}: diverged in its first epoch ({result['diverged']}); left out", flush=True)
+        say(f"final run {name}: diverged in its first epoch ({result['diverged']}); left out")
         return None
     info = {"name": name, "trial_id": cand.trial_id, "seed": seed, "best_epoch": result["best_epoch"],
             "val_acc": result["val_acc"], "search_val_acc": cand.search_val_acc, "labels": s.labels,

@@ -1,15 +1,20 @@
-"""Tune plug-ins of the search: trials.csv kept current while it runs, the time-budget stopper, the searcher."""
+"""Tune plug-ins of the search: trials.csv kept current while it runs, the time-budget stopper, the searcher,
+and the console a person watches (`SearchConsole`)."""
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 from ray.tune import Callback, Stopper
 from ray.tune.search.optuna import OptunaSearch
 
 from search.tuning.budget import Measured, active
-from search.tuning.records import TrialRecord, records_of, trials_table
+from search.tuning.console import REDRAW_EVERY, Console, clock_text, trial_summary
+from search.tuning.records import TrialRecord, error_text, records_of, trials_table
+from search.tuning.storage import prune_checkpoints, resolve
 from search.tuning.study import TRIAL_ATTR, MirroredStorage, resumed_url
 from trainables.files import write_csv
 from trainables.metrics import METRIC
@@ -42,6 +47,29 @@ class TrialsCsvWriter(Callback):
     def on_experiment_end(self, trials, **info):
         self.write(trials)
         self.ended = True
+
+
+class CheckpointPruner(Callback):
+    """Keep each trial's latest checkpoint and delete the older ones once Tune's saved experiment state no
+    longer needs them (`search.tuning.storage.prune_checkpoints`), at most every `every` seconds; the
+    search runs with Tune keeping every checkpoint, and calls `prune(final=True)` after the Tuner ends.
+    """
+
+    def __init__(self, tune_uri: str, every: float = 30.0) -> None:
+        self.fs, self.path = resolve(tune_uri)
+        self.every, self._last = every, time.monotonic()
+        self.waiting: set[str] = set()  # trials with checkpoints the saved state may still need
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        self.waiting.add(trial.trial_id)
+
+    def on_step_end(self, iteration, trials, **info):
+        if self.waiting and time.monotonic() - self._last >= self.every:
+            self.prune()
+
+    def prune(self, final: bool = False) -> None:
+        self._last = time.monotonic()
+        self.waiting -= prune_checkpoints(self.fs, self.path, None if final else sorted(self.waiting))
 
 
 class BudgetStopper(Stopper):
@@ -96,3 +124,111 @@ class TrackedOptunaSearch(OptunaSearch):
                 warnings.simplefilter("ignore")  # Optuna ignores, with a warning, a step already reported
                 ot_trial.report(result[self.metric], step)
         super().on_trial_complete(trial_id, result=result, error=error)
+
+
+class SearchConsole(Callback):
+    """A Tune callback that prints one line per trial event and keeps the status line current.
+
+    Events: started (its key hyperparameters), stopped by ASHA at a rung, stopped by the time
+    budget, completed, diverged, failed and retried, failed (the reason's last line). The status line: elapsed of the
+    budget, trials completed / running / stopped / failed (counted from Tune's own trials, so a
+    resumed search counts the trials it restored), the best objective and its trial, and, under
+    --time-budget, when the final stage is planned to start. `budget` gives the running search's
+    `SearchBudget` (or None); `rungs` are ASHA's rungs (epochs).
+    """
+
+    def __init__(self, console: Console, *, max_epochs: int, rungs: list[int], num_samples: int,
+                 budget: Callable[[], Any] = lambda: None, started: float | None = None):
+        self.console, self.max_epochs, self.rungs, self.num_samples = console, max_epochs, rungs, num_samples
+        self.budget, self.started = budget, started or time.time()
+        self.trials: list = []
+        self.measured: dict[str, Measured] = {}
+        self._drawn = -math.inf
+
+    def outcome(self, trial) -> str:
+        """completed, stopped, diverged, failed, running or pending."""
+        if trial.status == "ERROR":
+            return "failed"
+        last = trial.last_result or {}
+        if trial.status == "TERMINATED":
+            if last.get("diverged"):
+                return "diverged"
+            return "completed" if int(last.get("training_iteration", 0) or 0) >= self.max_epochs else "stopped"
+        return "running" if trial.status == "RUNNING" else "pending"
+
+    def best(self) -> tuple[float, str] | None:
+        scored = [(float((t.last_result or {}).get(METRIC, math.nan)), t.trial_id) for t in self.trials]
+        scored = [p for p in scored if math.isfinite(p[0])]
+        return max(scored) if scored else None
+
+    def status_text(self) -> str:
+        budget = self.budget()
+        elapsed = time.time() - (budget.clock.started if budget else self.started)
+        head = f"{clock_text(elapsed)} / {clock_text(budget.clock.total)}" if budget else clock_text(elapsed)
+        counts = {k: 0 for k in ("completed", "running", "stopped", "diverged", "failed")}
+        for trial in self.trials:
+            kind = self.outcome(trial)
+            counts[kind] = counts.get(kind, 0) + 1
+        text = (f"[{head}] trials: {counts['completed']} completed, {counts['running']} running, "
+                f"{counts['stopped'] + counts['diverged']} stopped, {counts['failed']} failed (of {self.num_samples})")
+        best = self.best()
+        if best:
+            text += f" | best {100 * best[0]:.1f}% ({best[1]})"
+        if budget and budget.final:
+            if budget.stopped_at:
+                text += " | final stage next"
+            elif self.measured:
+                start = budget.clock.left() - budget.reserve(list(self.measured.values()))
+                text += f" | final stage in ~{clock_text(max(0.0, start))}"
+        return text
+
+    def redraw(self, trials, force: bool = False) -> None:
+        self.trials = trials
+        now = time.monotonic()
+        if force or now - self._drawn >= REDRAW_EVERY:
+            self._drawn = now
+            self.console.status(self.status_text())
+
+    # Tune's callback hooks (ray.tune.Callback)
+    def on_step_end(self, iteration, trials, **info):
+        self.redraw(trials)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.console.event(f"trial {trial.trial_id} started: {trial_summary(trial.config)}")
+        self.redraw(trials, force=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.measured[trial.trial_id] = Measured(result.get(METRIC, math.nan), result.get("time_this_iter_s", math.nan),
+                                                 result.get("images_per_s", math.nan))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        epochs = int(last.get("training_iteration", 0) or 0)
+        figure = f"PublicTest {100 * last['best_val_acc']:.1f}%" if "best_val_acc" in last else "no epoch reported"
+        budget = self.budget()
+        if last.get("diverged"):
+            what = f"diverged in epoch {epochs}"
+            figure = f"{figure} before it"
+        elif epochs >= self.max_epochs:
+            what = f"completed {epochs} epochs"
+        elif budget is not None and budget.stopped_at:
+            what = f"stopped by the time budget after epoch {epochs}"
+        elif epochs in self.rungs:
+            what = f"stopped by ASHA at rung {self.rungs.index(epochs) + 1} (epoch {epochs})"
+        else:
+            what = f"stopped after epoch {epochs}"
+        self.console.event(f"trial {trial.trial_id} {what}: {figure}")
+        self.redraw(trials, force=True)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.console.event(f"trial {trial.trial_id} failed, retried from its last checkpoint: "
+                           f"{error_text(trial) or 'see its error.txt'}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.console.event(f"trial {trial.trial_id} failed: {error_text(trial) or 'see its error.txt'}")
+        self.redraw(trials, force=True)
+
+    def on_experiment_end(self, trials, **info):
+        self.trials = trials
+        self.console.close()
+        self.console.event(self.status_text())

@@ -10,6 +10,7 @@ import os
 import socket
 from pathlib import Path
 
+from search.tuning.console import ray_quiet
 from search.tuning.settings import Settings
 from trainables.errors import UserError
 from trainables.faults import INJECT_ENV
@@ -20,7 +21,10 @@ MEMORY_STEP = 2**29  # a trial's host-memory request, in steps of 0.5 GiB (see t
 
 
 def start_ray(s: Settings) -> dict:
-    """Join the cluster at --address, or start a local Ray instance (dashboard off); returns its resources."""
+    """Join the cluster at --address, or start a local Ray instance (dashboard off); returns its resources.
+
+    The workers' output reaches the console only with --verbose (`search.tuning.console.ray_quiet`).
+    """
     import ray
 
     env = {k: os.environ[k] for k in INJECT_ENV if k in os.environ}  # test hooks
@@ -30,12 +34,12 @@ def start_ray(s: Settings) -> dict:
         runtime_env = {"working_dir": str(PROJECT_ROOT), "env_vars": env,
                        "excludes": ["results/", ".venv/", ".git/", "data/", "*.cache/"]}
         try:
-            ray.init(address=s.address, runtime_env=runtime_env, logging_level="warning")
+            ray.init(address=s.address, runtime_env=runtime_env, logging_level="warning", **ray_quiet(s.verbose))
         except ConnectionError as err:
             raise UserError(f"cannot reach the Ray cluster at {s.address}: {err}") from None
     else:
         ray.init(include_dashboard=False, runtime_env={"env_vars": env} if env else None,
-                 logging_level="warning", log_to_driver=True)
+                 logging_level="warning", **ray_quiet(s.verbose))
     return ray.cluster_resources()
 
 

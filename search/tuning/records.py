@@ -56,7 +56,7 @@ def _status(ray_status: str, last: dict, epochs: int, max_epochs: int) -> str:
     return ray_status
 
 
-def _error_text(trial) -> str:
+def error_text(trial) -> str:
     text = read_text(_filesystem(trial), f"{trial.path}/error.txt") if trial.path else None
     local = Path(getattr(trial, "error_file", "") or "")
     if not text and local.is_file():
@@ -145,7 +145,7 @@ def records_of(trials, max_epochs: int, *, ray_status: dict[str, str] | None = N
             objective=last.get(METRIC, math.nan), val_acc=best, epochs=epochs,
             **{name: last.get(name, default) for name, default in REPORTED.items()},
             epoch_seconds=last.get("time_this_iter_s", math.nan),
-            error=_error_text(trial) if status == "ERROR" else last.get("error", ""),
+            error=error_text(trial) if status == "ERROR" else last.get("error", ""),
             config=as_fractions(trial.config, max_epochs)))
     return sorted(records, key=lambda r: -r.objective if math.isfinite(r.objective) else math.inf)
 

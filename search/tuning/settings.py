@@ -94,6 +94,9 @@ class Settings:
     ema_fraction: float = _flag(0.0, "keep an exponential moving average of each trial's and final run's weights "
                                      "over this share of the run, judge the run by it and keep it (0: off; "
                                      "search.final: retrain with it or, at 0, without)")
+    verbose: bool = _flag(False, "show Ray's own status tables, per-trial boxes and the workers' output (checkpoint "
+                                 "lines, tracebacks of trials stopped on purpose) on the console",
+                          action="store_true")
     final_top_k: int = _flag(3, "retrain the best K configurations")
     final_epochs: int = _flag(0, "epochs per final run", default_text="--max-epochs")
     final_seeds: int = _flag(3, "seeds per configuration (--seed+1, --seed+2, ...: never the search's own)")

@@ -46,6 +46,11 @@ def final_dir(demo_final):
     """The shared final stage (conftest.demo_final): 1 configuration x 2 seeds x 1 epoch, TTA none, flip, tencrop."""
     exp, r = demo_final
     assert "PrivateTest" in r.stdout and "ensemble_all" in r.stdout  # the table is printed
+    # Each run's epochs reach the driver's console (a log here: one line per epoch), before its result.
+    for seed in RUNS:
+        epoch = r.stdout.index(f"-{seed} epoch 1/1: PublicTest accuracy ")
+        assert epoch < r.stdout.index(f"-{seed}: best PublicTest accuracy "), r.stdout
+    assert "\r" not in r.stdout and "Checkpoint successfully" not in r.stdout + r.stderr
     return exp / "final"
 
 

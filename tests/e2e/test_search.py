@@ -40,6 +40,27 @@ def test_trials_csv_has_one_row_per_trial(demo_experiment):
 
 
 @pytest.mark.slow
+def test_the_console_has_one_line_per_trial_event_and_none_of_rays(demo_experiment):
+    """The demo search's output (a log, not a terminal): its header, a line per trial started and per
+    trial ended as trials.csv records it, status lines without redraws, and nothing of Ray's own."""
+    exp, r = demo_experiment
+    out = r.stdout + r.stderr
+    df = read_table(exp / "trials.csv")
+    assert out.startswith(f"experiment {exp}: space convnet, {N_DEMO} trials of up to 3 epochs (ASHA at epochs 1)")
+    for row in df.itertuples():
+        assert re.search(rf"^trial {row.trial_id} started: convnet w\d+x\d, ", out, re.M), row.trial_id
+        ended = ("completed 3 epochs" if row.status == "COMPLETED" else "stopped by ASHA at rung 1 (epoch 1)")
+        assert f"trial {row.trial_id} {ended}: PublicTest {100 * row.val_acc:.1f}%" in out, (row.trial_id, out)
+    done, stopped = (df["status"] == "COMPLETED").sum(), (df["status"] == "STOPPED").sum()
+    last = rf"^\[\d+:\d\d\] trials: {done} completed, 0 running, {stopped} stopped, 0 failed \(of {N_DEMO}\) \| best "
+    assert re.search(last, out, re.M), out
+    assert "\r" not in out
+    for noise in ("Checkpoint successfully created", "Trial status:", "started with configuration", "Traceback",
+                  "Token authentication"):
+        assert noise not in out, noise
+
+
+@pytest.mark.slow
 def test_asha_stops_trials_at_its_rungs(demo_experiment):
     exp, _ = demo_experiment
     df = read_table(exp / "trials.csv")
@@ -302,7 +323,8 @@ def test_ferplus_labels_through_the_cli(tmp_path):
                     "--num-samples", "1", "--max-epochs", "1", "--grace-epochs", "1", "--no-final",
                     "--results", str(tmp_path / "r"), "--name", "fp", "--seed", "1")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert f"{kept['Training']} training images, {kept['PublicTest']} PublicTest images" in r.stdout
+    assert re.search(rf"{kept['Training']} Training images( \(\d+%\))?, {kept['PublicTest']} PublicTest images",
+                     r.stdout), r.stdout
     assert kept["PublicTest"] == 18  # 21 rows, 3 of them not faces
     assert "report: " in r.stdout and "not written" not in r.stderr  # 8 classes in the report's figures
     df = read_table(tmp_path / "r" / "fp" / "trials.csv")
@@ -331,7 +353,7 @@ def test_search_on_real_fer2013(tmp_path, real_fer_csv):
     df = read_table(tmp_path / "real" / "trials.csv")
     assert len(df) == 2 and df["val_acc"].between(0, 1).all()
     assert df["val_acc"].max() > 0.30  # PublicTest's majority class (happy) is 24.9%
-    n_train = int(re.search(r"(\d+) training images, 3589 PublicTest images", r.stdout).group(1))
+    n_train = int(re.search(r"(\d+) Training images \(\d+%\), 3589 PublicTest images", r.stdout).group(1))
     assert abs(n_train - 5742) <= 4  # a stratified 20% of Training's 28,709
 
 
@@ -349,7 +371,7 @@ def test_range_test_never_costs_more_than_a_tenth_of_the_trial(tmp_path):
                     "--num-samples", "2", "--max-epochs", "1", "--grace-epochs", "1", "--no-final", "--no-report",
                     "--results", str(tmp_path), "--name", "d")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    n_train = int(re.search(r"(\d+) training images", r.stdout).group(1))
+    n_train = int(re.search(r"(\d+) Training images", r.stdout).group(1))
     df = read_table(tmp_path / "d" / "trials.csv")
     tested = df[df["config/lr_mode"] == "range_test"]
     assert len(tested) == 2 and set(df["status"]) == {"COMPLETED"} and (df["config/batch_size"] == 256).all()

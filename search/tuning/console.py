@@ -1,0 +1,147 @@
+"""What a person watching a command reads: a header, one line per event, and a live status line.
+
+On a terminal the status line (and the final stage's epoch bars) are tqdm bars redrawn in
+place, the event lines printed above them; when the output is a file or a pipe (a log, CI)
+nothing is redrawn: each event is one line, and the status is printed as a line of its own
+every `STATUS_EVERY` seconds. tqdm draws the bars (a kept library; the project hand-draws no
+escapes). Ray's own status tables, per-trial boxes and worker logs are behind `--verbose`
+(`ray_quiet`, and the Tuner's `verbose` level in `search.run`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+STATUS_EVERY = 300.0  # seconds between status lines when the output is not a terminal
+REDRAW_EVERY = 1.0    # seconds between redraws of the live status line
+# Ray's logger that warns, on every plain local `ray.init`, that token authentication is on.
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a closed or replaced stream
+        return False
+
+
+def clock_text(seconds: float) -> str:
+    """12:05, or 1:02:05 past an hour."""
+    seconds = max(0, int(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+class Console:
+    """Event lines and one live status line on `stream` (stdout by default).
+
+    `live` (default: whether `stream` is a terminal) redraws the status line in place;
+    otherwise `status` prints it as a line at most every `every` seconds.
+    """
+
+    def __init__(self, stream: TextIO | None = None, live: bool | None = None, every: float = STATUS_EVERY):
+        self.stream = stream or sys.stdout
+        self.live = is_terminal(self.stream) if live is None else live
+        self.every, self._printed, self._text = every, -math.inf, ""
+        self._bar: tqdm | None = None
+
+    def event(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.write(line, file=self.stream)  # above the live line, which is redrawn below it
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def status(self, text: str, *, force: bool = False) -> None:
+        """Show `text` as the status: redrawn in place when live, else printed when due (or `force`)."""
+        if text == self._text and not force:
+            return
+        self._text = text
+        if self.live:
+            if self._bar is None:
+                self._bar = tqdm(total=0, file=self.stream, bar_format="{desc}", dynamic_ncols=True, leave=False)
+            self._bar.set_description_str(text, refresh=True)
+        elif force or time.monotonic() - self._printed >= self.every:
+            self._printed = time.monotonic()
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class RunBars:
+    """The final stage's runs: on a terminal one tqdm bar of epochs per run, else one line per epoch."""
+
+    def __init__(self, stream: TextIO | None = None, live: bool | None = None):
+        self.stream = stream or sys.stdout
+        self.live = is_terminal(self.stream) if live is None else live
+        self._bars: dict[str, tqdm] = {}
+
+    def epoch(self, run: str, epoch: int, epochs: int, val_acc: float) -> None:
+        if not self.live:
+            print(f"{run} epoch {epoch}/{epochs}: PublicTest accuracy {val_acc:.4f}", file=self.stream, flush=True)
+            return
+        bar = self._bars.get(run)
+        if bar is None:
+            bar = self._bars[run] = tqdm(total=epochs, desc=run, unit="epoch", file=self.stream,
+                                         position=len(self._bars), dynamic_ncols=True, leave=True)
+        bar.total = epochs  # a run re-planned to fewer epochs
+        bar.update(epoch - bar.n)
+        bar.set_postfix_str(f"PublicTest {val_acc:.4f}")
+
+    def note(self, line: str) -> None:
+        if self._bars:
+            tqdm.write(line, file=self.stream)  # above the bars, which are redrawn below it
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
+        self._bars.clear()
+
+
+def show_progress(event: dict, bars: RunBars) -> None:
+    """Show one event a final run sent (`search.final_stage.retrain.retrain`'s `progress`): an epoch or a note."""
+    if "epoch" in event:
+        bars.epoch(event["run"], event["epoch"], event["epochs"], event["val_acc"])
+    else:
+        bars.note(event["note"])
+
+
+def ray_quiet(verbose: bool) -> dict[str, Any]:
+    """`ray.init` arguments (and a logger level) for how much of Ray reaches the console.
+
+    Quiet (the default): the workers' output stays in the trials' log files and Ray's session logs
+    (`log_to_driver=False`), so Ray's "Checkpoint successfully created" lines, its repeated-log
+    notices and the traceback of a trial stopped on purpose do not reach the console, and the
+    warning every plain local instance prints about token authentication is silenced. A trial's
+    real failure is still reported on the console, as one line with its reason
+    (`SearchConsole.on_trial_error`), its traceback in the trial's error.txt.
+    """
+    logging.getLogger(RAY_AUTH_LOGGER).setLevel(logging.WARNING if verbose else logging.ERROR)
+    return {"log_to_driver": verbose}
+
+
+# --------------------------------------------------------------------------- the search's Tune callback
+
+def trial_summary(config: dict) -> str:
+    """A trial's 3-4 key hyperparameters, e.g. `convnet w32x3, adamw lr 0.003 onecycle, batch 128, flip_crop`."""
+    arch = str(config.get("arch", "?"))
+    if arch == "convnet" and "width" in config:
+        arch += f" w{config['width']}x{config.get('depth', '?')}"
+    if config.get("pretrained"):
+        arch += " (ImageNet)"
+    lr = "lr range test" if config.get("lr_mode") == "range_test" else f"lr {config.get('lr', float('nan')):.3g}"
+    parts = [arch, " ".join(str(p) for p in (config.get("optimizer", "?"), lr, config.get("schedule", "")) if p)]
+    if "batch_size" in config:
+        parts.append(f"batch {config['batch_size']}")
+    if "augment" in config:
+        parts.append(str(config["augment"]))
+    return ", ".join(parts)

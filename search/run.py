@@ -209,10 +209,9 @@ def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurre
                                     trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(
             # Ray's own status tables and per-trial boxes with --verbose only (search.tuning.console draws
-            # the default console); each trial's stdout and stderr also go to files of its own
-            # (in its working folder under Ray's session: syncing those into the experiment, Tune's
-            # sync_artifacts, once lost a retried trial's first result.json rows).
-            name=TUNE_DIR, storage_path=storage, verbose=1 if s.verbose else 0, log_to_file=True,
+            # the default console). Not Tune's log_to_file: with it, a fresh clone's run lost a retried
+            # trial's first result.json row (tests/e2e/test_reliability.py), twice in two runs.
+            name=TUNE_DIR, storage_path=storage, verbose=1 if s.verbose else 0,
             stop=CombinedStopper(BudgetStopper(), *stoppers),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             # Every checkpoint kept by Tune; CheckpointPruner deletes what the saved experiment state no

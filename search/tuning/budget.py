@@ -27,6 +27,7 @@ from search.tuning.records import TrialRecord
 from search.tuning.settings import Settings
 from trainables.errors import UserError
 from trainables.files import write_text
+from trainables.metrics import METRIC
 
 if TYPE_CHECKING:
     from trainables.data import FERData
@@ -126,6 +127,12 @@ class Measured:
     @classmethod
     def of(cls, trial: TrialRecord) -> "Measured":
         return cls(trial.objective, trial.epoch_seconds, trial.images_per_s)
+
+    @classmethod
+    def of_result(cls, result: dict) -> "Measured":
+        """From one result a trial reported to Tune (its objective, `time_this_iter_s`, `images_per_s`)."""
+        return cls(result.get(METRIC, math.nan), result.get("time_this_iter_s", math.nan),
+                   result.get("images_per_s", math.nan))
 
 
 def full_epoch_seconds(trial: Measured, n_search: int, n_full: int) -> float:

@@ -84,8 +84,7 @@ class BudgetStopper(Stopper):
         self.measured: dict[str, Measured] = {}
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        self.measured[trial_id] = Measured(result.get(METRIC, math.nan), result.get("time_this_iter_s", math.nan),
-                                           result.get("images_per_s", math.nan))
+        self.measured[trial_id] = Measured.of_result(result)
         return False
 
     def stop_all(self) -> bool:
@@ -198,8 +197,7 @@ class SearchConsole(Callback):
         self.redraw(trials, force=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.measured[trial.trial_id] = Measured(result.get(METRIC, math.nan), result.get("time_this_iter_s", math.nan),
-                                                 result.get("images_per_s", math.nan))
+        self.measured[trial.trial_id] = Measured.of_result(result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}

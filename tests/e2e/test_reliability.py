@@ -179,10 +179,13 @@ def test_sigkill_then_resume_keeps_finished_trials(tmp_path):
         _kill(p)  # the driver and its local Ray die at once
     before = _finished_trials(exp)
     hung = _hung_trial(exp)
-    # trials.csv is written as trials finish, so a killed driver leaves it behind, current.
+    # trials.csv is written as trials finish, so a killed driver leaves it behind, current: every trial
+    # whose folder shows it finished is COMPLETED there. It may be ahead of the folders: Tune writes
+    # result.json in a staging folder and copies it into the experiment now and then, so a trial that
+    # finished just before the kill can be COMPLETED in trials.csv with its last epoch not yet copied.
     written = read_table(exp / "trials.csv")
     completed = {f"trial_{t}" for t in written[written["status"] == "COMPLETED"]["trial_id"]}
-    assert len(completed) >= 2 and completed <= set(before)
+    assert len(before) >= 2 and set(before) <= completed
     studied_before = {t.number: (t.params, t.value) for t in _study_trials(exp) if t.state.name == "COMPLETE"}
     assert len(studied_before) >= 2
 

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from search.final_stage.retrain import retrain  # noqa: E402
 from search.run import load_search_data  # noqa: E402
+from search.tuning.console import Tally  # noqa: E402
 from search.tuning.settings import Settings  # noqa: E402
 from search.tuning.warm_start import KNOWN_GOOD  # noqa: E402
 from spaces import get_space  # noqa: E402
@@ -72,8 +73,9 @@ def _data(path: str, fraction: float, seed: int) -> FERData:
                                      seed=seed))
 
 
-def measure(index: int, config: dict, a: argparse.Namespace) -> list[dict]:
-    """One configuration at both fidelities: a row per search epoch (rung) with the final run's figures."""
+def measure(index: int, config: dict, a: argparse.Namespace) -> tuple[list[dict], str]:
+    """One configuration at both fidelities: a row per search epoch (rung) with the final run's figures,
+    and a line that sums it up."""
     import torch
 
     torch.set_num_threads(1)
@@ -88,10 +90,10 @@ def measure(index: int, config: dict, a: argparse.Namespace) -> list[dict]:
                     seed=a.seed + 1, ttas=["none"])
     final_live = max(h["raw_val_acc"] for h in final["history"])
     final_ema = max(h["val_acc"] for h in final["history"])
-    print(f"config {index}: {config['optimizer']} {config['schedule']} width {config['width']} batch "
-          f"{config['batch_size']}: search live {max(r['live'] for r in rungs):.4f} ema "
-          f"{max(r['ema'] for r in rungs):.4f}; final live {final_live:.4f} ema {final_ema:.4f} "
-          f"({time.time() - started:.0f} s)", flush=True)
+    line = (f"config {index}: {config['optimizer']} {config['schedule']} width {config['width']} batch "
+            f"{config['batch_size']}: search live {max(r['live'] for r in rungs):.4f} ema "
+            f"{max(r['ema'] for r in rungs):.4f}; final live {final_live:.4f} ema {final_ema:.4f} "
+            f"({time.time() - started:.0f} s)")
     best_live = best_ema = 0.0
     rows = []
     for r in rungs:
@@ -101,7 +103,7 @@ def measure(index: int, config: dict, a: argparse.Namespace) -> list[dict]:
                      "rung": r["rung"], "search_live": best_live, "search_ema": best_ema,
                      "final_live": final_live, "final_ema": final_ema, "search_seconds": search_seconds,
                      "final_seconds": time.time() - started - search_seconds})
-    return rows
+    return rows, line
 
 
 def correlations(runs: pd.DataFrame) -> pd.DataFrame:
@@ -151,8 +153,13 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     chosen = configs(a.configs, a.seed, a.ema_fraction)
     started = time.time()
+    tally = Tally(len(chosen), "configurations")
+    parts = []
     with ProcessPoolExecutor(a.workers) as pool:
-        parts = list(pool.map(measure, range(len(chosen)), chosen, [a] * len(chosen)))
+        for rows, line in pool.map(measure, range(len(chosen)), chosen, [a] * len(chosen)):
+            parts.append(rows)
+            tally.done(line)
+    tally.close()
     runs = pd.DataFrame([row for part in parts for row in part])
     runs.to_csv(out / "fidelity_runs.csv", index=False)
     table = correlations(runs)

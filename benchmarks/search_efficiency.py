@@ -38,6 +38,7 @@ from ray.tune import Stopper  # noqa: E402
 from search.run import build_tuner, load_search_data  # noqa: E402
 from search.tuning.callbacks import TrialsCsvWriter  # noqa: E402
 from search.tuning.cluster import start_ray, tolerate_lost_workers, trial_resources  # noqa: E402
+from search.tuning.console import Tally  # noqa: E402
 from search.tuning.settings import parse_settings  # noqa: E402
 from trainables.files import write_csv  # noqa: E402
 from trainables.metrics import METRIC  # noqa: E402
@@ -65,7 +66,7 @@ class EpochBudget(Stopper):
         return len(self.rows) >= self.budget
 
 
-def run_one(method: str, seed: int, a, out: Path, cluster: dict) -> pd.DataFrame:
+def run_one(method: str, seed: int, a, out: Path, cluster: dict, tally: Tally) -> pd.DataFrame:
     """One search of `method` with `seed`, stopped at --budget-epochs; its per-epoch log."""
     searcher, scheduler = METHODS[method]
     # Enough trials that the budget, not the trial count, ends the search.
@@ -88,8 +89,8 @@ def run_one(method: str, seed: int, a, out: Path, cluster: dict) -> pd.DataFrame
     log["trial_epochs"] = np.arange(1, len(log) + 1)
     log["trial_seconds"] = log["epoch_seconds"].cumsum()
     log["best_objective"] = log["objective"].cummax()
-    print(f"{method} seed {seed}: best objective {log['best_objective'].iloc[-1]:.4f} after {len(log)} trial epochs, "
-          f"{log['wall_s'].iloc[-1]:.0f} s", flush=True)
+    tally.done(f"{method} seed {seed}: best objective {log['best_objective'].iloc[-1]:.4f} after {len(log)} trial "
+               f"epochs, {log['wall_s'].iloc[-1]:.0f} s")
     return log
 
 
@@ -177,9 +178,11 @@ def main() -> None:
     cluster = start_ray(probe)
     tolerate_lost_workers()
     started = time.time()
+    tally = Tally(a.seeds * len(a.methods), "searches")
     try:
-        logs = [run_one(method, seed, a, work, cluster) for seed in range(a.seeds) for method in a.methods]
+        logs = [run_one(method, seed, a, work, cluster, tally) for seed in range(a.seeds) for method in a.methods]
     finally:
+        tally.close()
         ray.shutdown()
     curves = pd.concat(logs, ignore_index=True)
     write_csv(curves, out / "search_efficiency_curves.csv")

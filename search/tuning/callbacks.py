@@ -13,11 +13,14 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search.tuning.budget import Measured, active
 from search.tuning.console import REDRAW_EVERY, Console, clock_text, trial_summary
-from search.tuning.records import TrialRecord, error_text, records_of, trials_table
+from search.tuning.records import TrialRecord, error_text, records_of, trial_status, trials_table
 from search.tuning.storage import prune_checkpoints, resolve
 from search.tuning.study import TRIAL_ATTR, MirroredStorage, resumed_url
 from trainables.files import write_csv
 from trainables.metrics import METRIC
+
+OUTCOMES = {"ERROR": "failed", "DIVERGED": "diverged", "COMPLETED": "completed", "STOPPED": "stopped",
+            "RUNNING": "running"}  # trials.csv's status -> the console's word
 
 
 class TrialsCsvWriter(Callback):
@@ -145,15 +148,10 @@ class SearchConsole(Callback):
         self._drawn = -math.inf
 
     def outcome(self, trial) -> str:
-        """completed, stopped, diverged, failed, running or pending."""
-        if trial.status == "ERROR":
-            return "failed"
+        """completed, stopped, diverged, failed, running or pending: trials.csv's status, in words."""
         last = trial.last_result or {}
-        if trial.status == "TERMINATED":
-            if last.get("diverged"):
-                return "diverged"
-            return "completed" if int(last.get("training_iteration", 0) or 0) >= self.max_epochs else "stopped"
-        return "running" if trial.status == "RUNNING" else "pending"
+        status = trial_status(trial.status, last, int(last.get("training_iteration", 0) or 0), self.max_epochs)
+        return OUTCOMES.get(status, "pending")
 
     def best(self) -> tuple[float, str] | None:
         scored = [(float((t.last_result or {}).get(METRIC, math.nan)), t.trial_id) for t in self.trials]

@@ -107,6 +107,30 @@ class RunBars:
         self._bars.clear()
 
 
+class Tally:
+    """A long job made of runs (the benchmarks): each finished run's line as an event, and a status
+    "k/n runs done, elapsed, ~left" (redrawn on a terminal, else a line after each run)."""
+
+    def __init__(self, total: int, what: str = "runs", stream: TextIO | None = None):
+        self.console = Console(stream, every=0.0)
+        self.total, self.what, self.done_count, self.started = total, what, 0, time.monotonic()
+        self.console.status(self.text())
+
+    def text(self) -> str:
+        elapsed = time.monotonic() - self.started
+        left = (f", ~{clock_text(elapsed / self.done_count * (self.total - self.done_count))} left"
+                if 0 < self.done_count < self.total else "")
+        return f"[{clock_text(elapsed)}] {self.done_count}/{self.total} {self.what} done{left}"
+
+    def done(self, line: str) -> None:
+        self.done_count += 1
+        self.console.event(line)
+        self.console.status(self.text(), force=True)
+
+    def close(self) -> None:
+        self.console.close()
+
+
 def show_progress(event: dict, bars: RunBars) -> None:
     """Show one event a final run sent (`search.final_stage.retrain.retrain`'s `progress`): an epoch or a note."""
     if "epoch" in event:

@@ -46,7 +46,9 @@ def read_results(fs, trial_dir: str) -> list[dict]:
     return rows
 
 
-def _status(ray_status: str, last: dict, epochs: int, max_epochs: int) -> str:
+def trial_status(ray_status: str, last: dict, epochs: int, max_epochs: int) -> str:
+    """trials.csv's status: ERROR, DIVERGED, COMPLETED (all `max_epochs` trained), STOPPED (ended early by
+    ASHA or the time budget), else Tune's own (RUNNING, PENDING, PAUSED)."""
     if ray_status == "ERROR":
         return "ERROR"
     if last.get("diverged"):
@@ -141,7 +143,7 @@ def records_of(trials, max_epochs: int, *, ray_status: dict[str, str] | None = N
         epochs = max((r.get("epoch", 0) for r in finite), default=0)
         best = max((r.get("val_acc", math.nan) for r in finite), default=math.nan)
         records.append(TrialRecord(
-            trial_id=trial.trial_id, status=_status(status, last, epochs, max_epochs),
+            trial_id=trial.trial_id, status=trial_status(status, last, epochs, max_epochs),
             objective=last.get(METRIC, math.nan), val_acc=best, epochs=epochs,
             **{name: last.get(name, default) for name, default in REPORTED.items()},
             epoch_seconds=last.get("time_this_iter_s", math.nan),

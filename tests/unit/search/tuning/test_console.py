@@ -14,7 +14,7 @@ import pytest
 from search.tuning.budget import Clock, SearchBudget
 from search.tuning.callbacks import SearchConsole
 from search.tuning.cli import broken_pipe, run_cli
-from search.tuning.console import Console, RunBars, clock_text, show_progress, trial_summary
+from search.tuning.console import Console, RunBars, Tally, clock_text, show_progress, trial_summary
 from search.tuning.storage import prune_checkpoints, saved_latest_checkpoints
 
 CONFIG = {"arch": "convnet", "width": 32, "depth": 3, "optimizer": "adamw", "lr": 0.003, "lr_mode": "searched",
@@ -58,6 +58,21 @@ def test_a_terminal_gets_the_status_redrawn_in_place():
     console.close()
     text = out.getvalue()
     assert "\r" in text and "trial a started\n" in text and "[0:06 / 1:00:00] trials: 1 completed" in text
+
+
+def test_a_benchmark_tally_prints_each_run_and_how_many_are_left(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    out = io.StringIO()
+    tally = Tally(3, "searches", stream=out)
+    now[0] += 60
+    tally.done("random seed 0: best 0.41")
+    now[0] += 60
+    tally.done("asha seed 0: best 0.43")
+    tally.close()
+    assert out.getvalue().splitlines() == ["[0:00] 0/3 searches done", "random seed 0: best 0.41",
+                                           "[1:00] 1/3 searches done, ~2:00 left", "asha seed 0: best 0.43",
+                                           "[2:00] 2/3 searches done, ~1:00 left"]
 
 
 def _console(trials, budget=None, max_epochs=9, rungs=(1, 3)):

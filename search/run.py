@@ -170,7 +170,7 @@ def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurre
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.stopper import CombinedStopper
 
-    from search.tuning.callbacks import BudgetStopper, CheckpointPruner, TrackedOptunaSearch
+    from search.tuning.callbacks import BudgetStopper, CheckpointPruner, TrackedOptunaSearch, TrialLogsKept
     from trainables.tune_trainable import train_fer
 
     limits = memory_limits(bool(resources["gpu"]))
@@ -209,15 +209,15 @@ def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurre
                                     trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(
             # Ray's own status tables and per-trial boxes with --verbose only (search.tuning.console draws
-            # the default console). Not Tune's log_to_file: with it, a fresh clone's run lost a retried
-            # trial's first result.json row (tests/e2e/test_reliability.py), twice in two runs.
+            # the default console); workers' output stays in Ray's session logs (not Tune's log_to_file).
             name=TUNE_DIR, storage_path=storage, verbose=1 if s.verbose else 0,
             stop=CombinedStopper(BudgetStopper(), *stoppers),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             # Every checkpoint kept by Tune; CheckpointPruner deletes what the saved experiment state no
             # longer names (Tune's num_to_keep deletes before the state naming the successor is saved).
-            checkpoint_config=tune.CheckpointConfig(), callbacks=[writer, pruner or CheckpointPruner(tune_path),
-                                                                  *callbacks]),
+            # TrialLogsKept: a retried trial keeps the result.json rows it reported before it failed.
+            checkpoint_config=tune.CheckpointConfig(),
+            callbacks=[writer, TrialLogsKept(), pruner or CheckpointPruner(tune_path), *callbacks]),
     )
 
 

@@ -3,6 +3,7 @@ and the console a person watches (`SearchConsole`)."""
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -50,6 +51,32 @@ class TrialsCsvWriter(Callback):
     def on_experiment_end(self, trials, **info):
         self.write(trials)
         self.ended = True
+
+
+class TrialLogsKept(Callback):
+    """Copy a failed trial's result.json and progress.csv into the experiment before Tune retries it.
+
+    Tune's loggers start a retried trial's files again from the experiment's copy (their
+    `_restore_from_remote` on the trial's start), which is only as recent as Tune's last sync of the
+    driver's staging folder: without this copy a retry lost the rows reported since (the report's
+    learning curves, `benchmarks/fidelity.py` and the tests read result.json). Tune calls
+    `on_trial_recover` as the trial fails, before it is started again.
+    """
+
+    FILES = ("result.json", "progress.csv")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        import pyarrow.fs
+
+        fs, remote = trial.storage.storage_filesystem, trial.storage.trial_fs_path
+        for name in self.FILES:
+            local = os.path.join(trial.local_path, name)
+            if not os.path.exists(local) or (isinstance(fs, pyarrow.fs.LocalFileSystem)
+                                             and os.path.realpath(local) == os.path.realpath(f"{remote}/{name}")):
+                continue
+            fs.create_dir(remote, recursive=True)
+            pyarrow.fs.copy_files(local, f"{remote}/{name}", source_filesystem=pyarrow.fs.LocalFileSystem(),
+                                  destination_filesystem=fs)
 
 
 class CheckpointPruner(Callback):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from typing import Any, TextIO
@@ -142,14 +143,19 @@ def show_progress(event: dict, bars: RunBars) -> None:
 def ray_quiet(verbose: bool) -> dict[str, Any]:
     """`ray.init` arguments (and a logger level) for how much of Ray reaches the console.
 
-    Quiet (the default): the workers' output stays in the trials' log files and Ray's session logs
-    (`log_to_driver=False`), so Ray's "Checkpoint successfully created" lines, its repeated-log
-    notices and the traceback of a trial stopped on purpose do not reach the console, and the
-    warning every plain local instance prints about token authentication is silenced. A trial's
-    real failure is still reported on the console, as one line with its reason
-    (`SearchConsole.on_trial_error`), its traceback in the trial's error.txt.
+    Quiet (the default): the workers' output stays in Ray's session logs (`log_to_driver=False`),
+    so Ray's "Checkpoint successfully created" lines, its repeated-log notices and the traceback of
+    a trial stopped on purpose do not reach the console, and the warning every plain local instance
+    prints about token authentication is silenced. A trial's real failure is still reported on the
+    console, as one line with its reason (`SearchConsole.on_trial_error`), its traceback in the
+    trial's error.txt. Tune's newer console output prints its "Configuration for experiment" box and
+    a TensorBoard path into Ray's temporary folder at every verbosity, 0 included; its older one
+    (`RAY_AIR_NEW_OUTPUT=0`, read when the Tuner starts) prints nothing at verbosity 0, so quiet
+    runs use that.
     """
     logging.getLogger(RAY_AUTH_LOGGER).setLevel(logging.WARNING if verbose else logging.ERROR)
+    if not verbose:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     return {"log_to_driver": verbose}
 
 

@@ -22,7 +22,8 @@ from tests.helpers import ROOT, run_command
 TINY = ["--space", "convnet", "--data", "demo", "--num-samples", "3", "--max-epochs", "2", "--grace-epochs", "1",
         "--train-fraction", "0.3", "--no-final", "--no-report", "--seed", "3"]
 RAY_NOISE = ("Checkpoint successfully created", "Trial status:", "started with configuration",
-             "Token authentication", "Traceback", "repeated", "SystemExit")
+             "Token authentication", "Traceback", "repeated", "SystemExit", "Configuration for experiment",
+             "View detailed results", "driver_artifacts")
 
 
 def _in_a_terminal(args, timeout=300) -> tuple[int, str]:
@@ -83,6 +84,7 @@ def test_verbose_shows_rays_own_tables(tmp_path):
     r = run_command("search.run", *TINY, "--results", str(tmp_path), "--name", "v", "--verbose")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Trial status:" in r.stdout and "started with configuration" in r.stdout
+    assert "Configuration for experiment" in r.stdout
     assert "\r" not in r.stdout and "trial " in r.stdout  # a log: one line per event, no redraws
 
 

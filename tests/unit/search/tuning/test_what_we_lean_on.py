@@ -55,7 +55,8 @@ class _Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def test_ray_token_auth_warning_goes_through_the_silenced_logger():
+def test_ray_token_auth_warning_goes_through_the_silenced_logger(monkeypatch):
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "1")  # put back as it was after the test (ray_quiet sets it)
     import ray._private.authentication.authentication_token_setup as setup
 
     from search.tuning.console import RAY_AUTH_LOGGER, ray_quiet
@@ -74,3 +75,49 @@ def test_ray_token_auth_warning_goes_through_the_silenced_logger():
     finally:
         setup.logger.removeHandler(seen)
         logging.getLogger(RAY_AUTH_LOGGER).setLevel(logging.NOTSET)
+
+
+def test_quiet_runs_take_tunes_older_console_output_which_is_silent_at_verbosity_0(monkeypatch):
+    from ray.tune.experimental.output import AirVerbosity, get_air_verbosity
+
+    from search.tuning.console import ray_quiet
+
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "1")  # Tune's default; put back as it was after the test
+    assert get_air_verbosity(0) == AirVerbosity.SILENT  # the newer output, which prints its box even so
+    ray_quiet(verbose=True)
+    assert get_air_verbosity(1) is not None  # --verbose: Tune's tables, as Tune draws them by default
+    ray_quiet(verbose=False)
+    assert get_air_verbosity(0) is None  # the older reporter: tune.run prints at Verbosity.V1 and up only
+
+
+def test_a_retried_trial_keeps_the_result_rows_its_loggers_would_restore_stale(tmp_path):
+    # Tune's loggers start a retried trial's result.json again from the experiment's copy, which lags the
+    # driver's staging folder until Tune syncs it; TrialLogsKept copies the staging file over first.
+    from types import SimpleNamespace
+
+    import pyarrow.fs
+    from ray.tune.logger.json import JsonLoggerCallback
+
+    from search.tuning.callbacks import TrialLogsKept
+
+    staging, experiment = tmp_path / "staging", tmp_path / "experiment"
+    staging.mkdir()
+    experiment.mkdir()
+    rows = '{"epoch": 1}\n{"epoch": 2}\n'
+    trial = SimpleNamespace(local_path=str(staging), checkpoint=object(), storage=SimpleNamespace(
+        trial_fs_path=str(experiment / "trial_a"), storage_filesystem=pyarrow.fs.LocalFileSystem()))
+    (staging / "result.json").write_text(rows)
+    (experiment / "trial_a").mkdir()
+    (experiment / "trial_a" / "result.json").write_text('{"epoch": 1}\n')  # the last sync's copy
+    assert hasattr(JsonLoggerCallback, "_restore_from_remote"), "Tune's loggers no longer restore from the experiment"
+    JsonLoggerCallback()._restore_from_remote("result.json", trial)
+    assert (staging / "result.json").read_text() == '{"epoch": 1}\n'  # what a retry started from without the copy
+
+    (staging / "result.json").write_text(rows)
+    TrialLogsKept().on_trial_recover(0, [], trial)
+    JsonLoggerCallback()._restore_from_remote("result.json", trial)
+    assert (staging / "result.json").read_text() == rows
+    assert not (experiment / "trial_a" / "progress.csv").exists()  # only the files the trial has are copied
+    trial.storage.trial_fs_path = str(staging)  # staging is the experiment (storage on the driver's disk)
+    TrialLogsKept().on_trial_recover(0, [], trial)
+    assert (staging / "result.json").read_text() == rows

@@ -203,7 +203,9 @@ def final_reserve(trials: Sequence[Measured], *, clock: Clock, share: float, slo
                   seeds: int, epochs: int, n_search: int, n_full: int, n_test: int, ttas: int) -> float:
     """Seconds the search leaves for the final stage: what the wanted final stage needs at the
     measured speed of the best trials so far, at most `share` of the budget (all of that share
-    while nothing is measured yet) but at least one epoch of the best configuration."""
+    while nothing is measured yet) but at least one epoch of the best configuration. When the
+    wanted stage does not fit the share, only what the stage that fits it needs (`plan_final`
+    within the share): the rest of the share goes to the search instead of idling after a wave."""
     cap = share * clock.total
     ranked = sorted((t for t in trials if math.isfinite(t.objective)), key=lambda t: -t.objective)[:top_k]
     times = [full_epoch_seconds(t, n_search, n_full) for t in ranked]
@@ -212,6 +214,11 @@ def final_reserve(trials: Sequence[Measured], *, clock: Clock, share: float, slo
         return cap + STOP_SECONDS
     need = plan_seconds(times, slots, seeds, epochs) + eval_seconds(len(times) * seeds, max(times), n_full,
                                                                     n_test, ttas)
+    if need > cap:  # the wanted stage does not fit its share: reserve what the plan that fits will use
+        plan = plan_final(times, slots=slots, top_k=top_k, seeds=seeds, epochs=epochs, seconds=cap,
+                          n_full=n_full, n_test=n_test, ttas=ttas)
+        if plan is not None:  # not the share's unused rest: whole runs come in waves, and that rest idled
+            need = plan.seconds
     # Never less than one epoch of the best configuration, so a final stage always fits.
     least = plan_seconds(times[:1], slots, 1, 1) + eval_seconds(1, times[0], n_full, n_test, ttas)
     return max(least, min(cap, need)) + STOP_SECONDS

@@ -188,7 +188,9 @@ class SearchConsole(Callback):
     def status_text(self) -> str:
         budget = self.budget()
         elapsed = time.time() - (budget.clock.started if budget else self.started)
-        head = f"{clock_text(elapsed)} / {clock_text(budget.clock.total)}" if budget else clock_text(elapsed)
+        # 0:00:59 / 1:00:00, not 0:59 / 1:00:00 (read as 59 minutes of 60)
+        head = (f"{clock_text(elapsed, hours=budget.clock.total >= 3600)} / {clock_text(budget.clock.total)}"
+                if budget else clock_text(elapsed))
         counts = {k: 0 for k in ("completed", "running", "stopped", "diverged", "failed")}
         for trial in self.trials:
             kind = self.outcome(trial)

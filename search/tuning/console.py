@@ -31,11 +31,11 @@ def is_terminal(stream: TextIO) -> bool:
         return False
 
 
-def clock_text(seconds: float) -> str:
-    """12:05, or 1:02:05 past an hour."""
+def clock_text(seconds: float, hours: bool = False) -> str:
+    """12:05, or 1:02:05 past an hour (or always with `hours`, to stand beside a clock that has them)."""
     seconds = max(0, int(seconds))
     h, rest = divmod(seconds, 3600)
-    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h or hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 class Console:

@@ -64,8 +64,13 @@ def test_the_search_leaves_what_the_final_stage_needs_capped_at_its_share():
     fast = [Measured(0.6, 3.0 + 7000 / 7000.0, 7000.0), Measured(0.5, 2.0, 7000.0)]
     need = final_reserve(fast, **kw)
     assert stop < need < 0.4 * 3600  # 10 epochs of ~7 s fit well within the share
+    # 10 epochs of ~403 s do not fit the share: the reserve is what the plan that fits it uses (3 epochs
+    # in one wave, and its scoring), not the whole share, whose rest would idle after the wave.
     slow = [Measured(0.6, 3.0 + 7000 / 70.0, 70.0)]
-    assert final_reserve(slow, **kw) == pytest.approx(0.4 * 3600 + stop)
+    plan = plan_final([3.0 + 28000 / 70.0], slots=2, top_k=2, seeds=1, epochs=10, seconds=0.4 * 3600, n_full=28000,
+                      n_test=3589, ttas=2)
+    assert plan.epochs == 3 and final_reserve(slow, **kw) == pytest.approx(plan.seconds + stop)
+    assert plan.seconds < 0.4 * 3600
     # ... but never less than one epoch of the best configuration, even above the share.
     glacial = [Measured(0.6, 3.0 + 7000 / 1.0, 1.0)]
     assert final_reserve(glacial, **kw) > 28000 / 1.0

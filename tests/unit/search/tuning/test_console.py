@@ -35,6 +35,7 @@ def test_trial_summary_names_the_key_hyperparameters():
 
 def test_clock_text():
     assert (clock_text(0), clock_text(65), clock_text(3725), clock_text(-3)) == ("0:00", "1:05", "1:02:05", "0:00")
+    assert clock_text(59, hours=True) == "0:00:59"  # beside a budget of an hour or more
 
 
 def test_a_log_gets_one_line_per_event_and_the_status_when_due():
@@ -117,7 +118,7 @@ def test_the_status_counts_tunes_trials_and_says_when_the_final_stage_starts():
     watch, _ = _console(trials, budget)
     watch.on_trial_result(0, trials, trials[2], {"objective": 0.4, "time_this_iter_s": 9.0, "images_per_s": 900})
     text = watch.status_text()
-    assert text.startswith("[2:05 / 1:00:00] trials: 1 completed, 1 running, 1 stopped, 1 failed (of 6)")
+    assert text.startswith("[0:02:05 / 1:00:00] trials: 1 completed, 1 running, 1 stopped, 1 failed (of 6)")
     assert "best 60.0% (bb)" in text and "final stage in ~" in text
     budget.stopped_at = 1.0
     assert watch.status_text().endswith("| final stage next")

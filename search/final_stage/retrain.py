@@ -207,7 +207,6 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
     `deadline` (a `time.time()` value) is when every run must have finished training.
     """
     import ray
-    from ray.util.queue import Queue
 
     started = not ray.is_initialized()  # search.run has already started (or joined) Ray
     cluster = start_ray(s) if started else ray.cluster_resources()
@@ -216,11 +215,11 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
     try:
         resources, _ = trial_resources(s, cluster)
         limits = memory_limits(bool(resources["gpu"]))
-        task = ray.remote(retrain)
+        task = ray.remote(retrain_task)
         data_ref = ray.put(without_test(data))
-        # The runs' epochs and notes reach the driver through a queue (an actor that takes no CPU
-        # from the runs), so they are shown here whether or not the workers' output is.
-        queue = Queue(actor_options={"num_cpus": 0})
+        # The runs' epochs and notes reach the driver through an actor that takes no CPU from the
+        # runs, so they are shown here whether or not the workers' output is.
+        queue = ray.remote(num_cpus=0)(ProgressBox).remote()
         jobs = {}
         for cand in candidates:
             options = task_options(cand.config, resources, limits, data.num_classes)
@@ -230,7 +229,7 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
                 ref = task.options(**options).remote(cand.config, data_ref, epochs=epochs, seed=seed,
                                                      threads=s.cpus_per_trial, tensorboard_dir=str(board),
                                                      label=name, ttas=list(ttas), deadline=deadline,
-                                                     progress=queue.put_nowait)
+                                                     progress=Sender(queue))
                 jobs[ref] = (cand, seed, board)
         bars.note(f"final stage: retraining {len(candidates)} configurations x {s.final_seeds} seeds "
                   f"for {epochs} epochs on {len(data.train)} Training images "
@@ -256,7 +255,7 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
     finally:
         bars.close()
         if queue is not None:
-            queue.shutdown()
+            ray.kill(queue)
         if started:
             ray.shutdown()
     return sorted(runs, key=lambda r: (r.candidate.rank, r.seed))
@@ -265,10 +264,57 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
 REFRESH_SECONDS = 0.5  # how often the driver shows the runs' progress
 
 
+class ProgressBox:
+    """The runs' progress events, kept in the order each run sent them until the driver takes them.
+
+    Not `ray.util.queue.Queue`: its `put` waits for the queue actor's answer (`ray.get`), and a Ray
+    task blocked in `ray.get` lends its CPU back, so Ray started a waiting run beside the two
+    running ones on 2 cores (three runs at once, each slower, the third re-planned ever shorter).
+    Calls from one run to this (synchronous) actor run in the order it made them.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+
+    def put(self, event: dict) -> None:
+        self.events.append(event)
+
+    def take(self) -> list[dict]:
+        events, self.events = self.events, []
+        return events
+
+
+class Sender:
+    """A run's `progress`: sends each event to the `ProgressBox` actor without waiting for it;
+    `flush` waits until every event sent has arrived."""
+
+    def __init__(self, box) -> None:
+        self.box, self.last = box, None
+
+    def __call__(self, event: dict) -> None:
+        self.last = self.box.put.remote(event)
+
+    def flush(self) -> None:
+        import ray
+
+        if self.last is not None:  # calls from one sender run in order: the last one done, all are
+            ray.get(self.last)
+
+
+def retrain_task(*args, progress: Sender, **kwargs) -> dict:
+    """`retrain` as the final stage's Ray task: every progress event it sent has reached the box when it
+    returns, so the driver shows a run's last epochs before its result."""
+    try:
+        return retrain(*args, progress=progress, **kwargs)
+    finally:
+        progress.flush()
+
+
 def _show_queued(queue, bars: RunBars) -> None:
     """Show every progress event the runs have sent since the last call."""
-    size = queue.qsize()
-    for event in queue.get_nowait_batch(size) if size else []:
+    import ray
+
+    for event in ray.get(queue.take.remote()):
         show_progress(event, bars)
 
 

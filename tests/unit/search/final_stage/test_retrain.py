@@ -54,3 +54,39 @@ def test_a_final_run_asks_for_what_a_trial_of_its_configuration_asks_for():
     on_cpu = task_options(large, {"cpu": 2, "gpu": 0.0}, {"cpu": 16 * 2**30}, 7)
     assert on_cpu["num_cpus"] == 2 and on_cpu["num_gpus"] == 0
     assert on_cpu["memory"] > task_options(small, {"cpu": 2, "gpu": 0.0}, {"cpu": 16 * 2**30}, 7)["memory"]
+
+
+
+def test_runs_sending_progress_never_run_beyond_their_cpus_and_every_event_arrives_in_order():
+    # A Ray task blocked in ray.get lends its CPU back (ray.util.queue.Queue's put does that): with 4 runs
+    # on 2 CPUs, Ray started a third beside the two running (measured: 3 at once). Sender never waits,
+    # and a run's events have all reached the box, in order, once it has flushed.
+    import time
+
+    import ray
+
+    from search.final_stage.retrain import ProgressBox, Sender
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        box = ray.remote(num_cpus=0)(ProgressBox).remote()
+
+        @ray.remote(num_cpus=1)
+        def run(name, progress):
+            start = time.time()
+            for i in range(6):
+                time.sleep(0.3)
+                progress({"run": name, "epoch": i})
+            progress.flush()
+            return start, time.time()
+
+        spans = ray.get([run.remote(n, Sender(box)) for n in "abcd"])
+        changes = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+        at_once = [sum(d for _, d in changes[:k + 1]) for k in range(len(changes))]
+        assert max(at_once) == 2, spans
+        events = ray.get(box.take.remote())
+        for name in "abcd":
+            assert [e["epoch"] for e in events if e["run"] == name] == list(range(6))
+        assert ray.get(box.take.remote()) == []  # taken once
+    finally:
+        ray.shutdown()

@@ -16,7 +16,7 @@ import torch
 
 from search.final_stage.candidates import Candidate
 from search.tuning.cluster import memory_limits, start_ray, trial_request, trial_resources
-from search.tuning.console import RunBars, show_progress
+from search.tuning.console import ProgressBox, RunBars, Sender, counted, show_progress
 from search.tuning.settings import Settings
 from trainables.calibration import fit_temperature
 from trainables.config import TrialConfig
@@ -219,7 +219,7 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
         data_ref = ray.put(without_test(data))
         # The runs' epochs and notes reach the driver through an actor that takes no CPU from the
         # runs, so they are shown here whether or not the workers' output is.
-        queue = ray.remote(num_cpus=0)(ProgressBox).remote()
+        queue = ray.remote(num_cpus=0)(ProgressBox).remote()  # in a light module: the actor imports no torch
         jobs = {}
         for cand in candidates:
             options = task_options(cand.config, resources, limits, data.num_classes)
@@ -231,9 +231,9 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
                                                      label=name, ttas=list(ttas), deadline=deadline,
                                                      progress=Sender(queue))
                 jobs[ref] = (cand, seed, board)
-        bars.note(f"final stage: retraining {len(candidates)} configurations x {s.final_seeds} seeds "
-                  f"for {epochs} epochs on {len(data.train)} Training images "
-                  f"({resources['cpu']} CPU, {resources['gpu']} GPU each)")
+        bars.note(f"final stage: retraining {counted(len(candidates), 'configuration')} x "
+                  f"{counted(s.final_seeds, 'seed')} for {counted(epochs, 'epoch')} on {len(data.train)} "
+                  f"Training images ({resources['cpu']} CPU, {resources['gpu']} GPU each)")
         runs, pending = [], list(jobs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1, timeout=REFRESH_SECONDS)
@@ -262,43 +262,6 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
 
 
 REFRESH_SECONDS = 0.5  # how often the driver shows the runs' progress
-
-
-class ProgressBox:
-    """The runs' progress events, kept in the order each run sent them until the driver takes them.
-
-    Not `ray.util.queue.Queue`: its `put` waits for the queue actor's answer (`ray.get`), and a Ray
-    task blocked in `ray.get` lends its CPU back, so Ray started a waiting run beside the two
-    running ones on 2 cores (three runs at once, each slower, the third re-planned ever shorter).
-    Calls from one run to this (synchronous) actor run in the order it made them.
-    """
-
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-
-    def put(self, event: dict) -> None:
-        self.events.append(event)
-
-    def take(self) -> list[dict]:
-        events, self.events = self.events, []
-        return events
-
-
-class Sender:
-    """A run's `progress`: sends each event to the `ProgressBox` actor without waiting for it;
-    `flush` waits until every event sent has arrived."""
-
-    def __init__(self, box) -> None:
-        self.box, self.last = box, None
-
-    def __call__(self, event: dict) -> None:
-        self.last = self.box.put.remote(event)
-
-    def flush(self) -> None:
-        import ray
-
-        if self.last is not None:  # calls from one sender run in order: the last one done, all are
-            ray.get(self.last)
 
 
 def retrain_task(*args, progress: Sender, **kwargs) -> dict:

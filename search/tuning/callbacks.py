@@ -13,7 +13,7 @@ from ray.tune import Callback, Stopper
 from ray.tune.search.optuna import OptunaSearch
 
 from search.tuning.budget import Measured, active
-from search.tuning.console import REDRAW_EVERY, Console, clock_text, trial_summary
+from search.tuning.console import REDRAW_EVERY, Console, clock_text, counted, trial_summary
 from search.tuning.records import TrialRecord, error_text, records_of, trial_status, trials_table
 from search.tuning.storage import prune_checkpoints, resolve
 from search.tuning.study import TRIAL_ATTR, MirroredStorage, resumed_url
@@ -235,7 +235,7 @@ class SearchConsole(Callback):
             what = f"diverged in epoch {epochs}"
             figure = f"{figure} before it"
         elif epochs >= self.max_epochs:
-            what = f"completed {epochs} epochs"
+            what = f"completed {counted(epochs, 'epoch')}"
         elif budget is not None and budget.stopped_at:
             what = f"stopped by the time budget after epoch {epochs}"
         elif epochs in self.rungs:

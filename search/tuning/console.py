@@ -31,6 +31,11 @@ def is_terminal(stream: TextIO) -> bool:
         return False
 
 
+def counted(n: int, word: str) -> str:
+    """'1 configuration', '2 configurations': a count with its noun (plural by an s)."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def clock_text(seconds: float, hours: bool = False) -> str:
     """12:05, or 1:02:05 past an hour (or always with `hours`, to stand beside a clock that has them)."""
     seconds = max(0, int(seconds))
@@ -175,3 +180,40 @@ def trial_summary(config: dict) -> str:
     if "augment" in config:
         parts.append(str(config["augment"]))
     return ", ".join(parts)
+
+
+class ProgressBox:
+    """The runs' progress events, kept in the order each run sent them until the driver takes them.
+
+    Not `ray.util.queue.Queue`: its `put` waits for the queue actor's answer (`ray.get`), and a Ray
+    task blocked in `ray.get` lends its CPU back, so Ray started a waiting run beside the two
+    running ones on 2 cores (three runs at once, each slower, the third re-planned ever shorter).
+    Calls from one run to this (synchronous) actor run in the order it made them.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+
+    def put(self, event: dict) -> None:
+        self.events.append(event)
+
+    def take(self) -> list[dict]:
+        events, self.events = self.events, []
+        return events
+
+
+class Sender:
+    """A run's `progress`: sends each event to the `ProgressBox` actor without waiting for it;
+    `flush` waits until every event sent has arrived."""
+
+    def __init__(self, box) -> None:
+        self.box, self.last = box, None
+
+    def __call__(self, event: dict) -> None:
+        self.last = self.box.put.remote(event)
+
+    def flush(self) -> None:
+        import ray
+
+        if self.last is not None:  # calls from one sender run in order: the last one done, all are
+            ray.get(self.last)

@@ -266,7 +266,7 @@ def test_final_overwrite_with_resource_overrides(final_dir, experiment, tmp_path
                     "--final-top-k", "1", "--final-seeds", "1", "--final-epochs", "1", "--final-tta", "none",
                     "--cpus-per-trial", "1", "--gpus-per-trial", "0", "--no-report", "--ema-fraction", "0.1")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "x 1 seeds for 1 epochs" in r.stdout and "(1 CPU, 0.0 GPU each)" in r.stdout
+    assert "x 1 seed for 1 epoch on" in r.stdout and "(1 CPU, 0.0 GPU each)" in r.stdout
     weights = sorted(p.name for p in (exp / "final" / "models").glob("*.pt"))
     assert len(weights) == 1 and weights[0].endswith(f"-{RUNS[0]}.pt")  # the earlier second seed's run is gone
     _, meta = load_weights(exp / "final" / "models" / weights[0])

@@ -65,7 +65,7 @@ def test_runs_sending_progress_never_run_beyond_their_cpus_and_every_event_arriv
 
     import ray
 
-    from search.final_stage.retrain import ProgressBox, Sender
+    from search.tuning.console import ProgressBox, Sender
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

@@ -14,7 +14,7 @@ import pytest
 from search.tuning.budget import Clock, SearchBudget
 from search.tuning.callbacks import SearchConsole
 from search.tuning.cli import broken_pipe, run_cli
-from search.tuning.console import Console, RunBars, Tally, clock_text, show_progress, trial_summary
+from search.tuning.console import Console, RunBars, Tally, clock_text, counted, show_progress, trial_summary
 from search.tuning.storage import prune_checkpoints, saved_latest_checkpoints
 
 CONFIG = {"arch": "convnet", "width": 32, "depth": 3, "optimizer": "adamw", "lr": 0.003, "lr_mode": "searched",
@@ -31,6 +31,11 @@ def test_trial_summary_names_the_key_hyperparameters():
     assert trial_summary(CONFIG) == "convnet w32x3, adamw lr 0.003 onecycle, batch 128, flip_crop"
     ranged = {**CONFIG, "arch": "resnet18", "pretrained": True, "lr_mode": "range_test", "optimizer": "sgd"}
     assert trial_summary(ranged) == "resnet18 (ImageNet), sgd lr range test onecycle, batch 128, flip_crop"
+
+
+def test_counted():
+    assert (counted(1, "epoch"), counted(2, "seed"), counted(0, "configuration")) == (
+        "1 epoch", "2 seeds", "0 configurations")
 
 
 def test_clock_text():

@@ -211,7 +211,7 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
     started = not ray.is_initialized()  # search.run has already started (or joined) Ray
     cluster = start_ray(s) if started else ray.cluster_resources()
     pending: list = []
-    bars, queue = RunBars(live=False if s.verbose else None), None
+    bars, box = RunBars(live=False if s.verbose else None), None
     try:
         resources, _ = trial_resources(s, cluster)
         limits = memory_limits(bool(resources["gpu"]))
@@ -219,7 +219,7 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
         data_ref = ray.put(without_test(data))
         # The runs' epochs and notes reach the driver through an actor that takes no CPU from the
         # runs, so they are shown here whether or not the workers' output is.
-        queue = ray.remote(num_cpus=0)(ProgressBox).remote()  # in a light module: the actor imports no torch
+        box = ray.remote(num_cpus=0)(ProgressBox).remote()  # in a light module: the actor imports no torch
         jobs = {}
         for cand in candidates:
             options = task_options(cand.config, resources, limits, data.num_classes)
@@ -229,7 +229,7 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
                 ref = task.options(**options).remote(cand.config, data_ref, epochs=epochs, seed=seed,
                                                      threads=s.cpus_per_trial, tensorboard_dir=str(board),
                                                      label=name, ttas=list(ttas), deadline=deadline,
-                                                     progress=Sender(queue))
+                                                     progress=Sender(box))
                 jobs[ref] = (cand, seed, board)
         bars.note(f"final stage: retraining {counted(len(candidates), 'configuration')} x "
                   f"{counted(s.final_seeds, 'seed')} for {counted(epochs, 'epoch')} on {len(data.train)} "
@@ -237,12 +237,12 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
         runs, pending = [], list(jobs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1, timeout=REFRESH_SECONDS)
-            _show_queued(queue, bars)
+            _show_sent(box, bars)
             if not done:
                 continue
             cand, seed, board = jobs[done[0]]
             result = _get(done[0])
-            _show_queued(queue, bars)  # the run's last epochs, before its result line
+            _show_sent(box, bars)  # the run's last epochs, before its result line
             run = save_run(result, cand, seed, s, data, out, board, say=bars.note)
             if run:
                 runs.append(run)
@@ -254,8 +254,8 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
         raise
     finally:
         bars.close()
-        if queue is not None:
-            ray.kill(queue)
+        if box is not None:
+            ray.kill(box)
         if started:
             ray.shutdown()
     return sorted(runs, key=lambda r: (r.candidate.rank, r.seed))
@@ -273,11 +273,11 @@ def retrain_task(*args, progress: Sender, **kwargs) -> dict:
         progress.flush()
 
 
-def _show_queued(queue, bars: RunBars) -> None:
+def _show_sent(box, bars: RunBars) -> None:
     """Show every progress event the runs have sent since the last call."""
     import ray
 
-    for event in ray.get(queue.take.remote()):
+    for event in ray.get(box.take.remote()):
         show_progress(event, bars)
 
 

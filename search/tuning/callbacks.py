@@ -63,13 +63,12 @@ class TrialLogsKept(Callback):
     `on_trial_recover` as the trial fails, before it is started again.
     """
 
-    FILES = ("result.json", "progress.csv")
-
     def on_trial_recover(self, iteration, trials, trial, **info):
         import pyarrow.fs
+        from ray.tune.result import EXPR_PROGRESS_FILE, EXPR_RESULT_FILE  # the names the loggers restore
 
         fs, remote = trial.storage.storage_filesystem, trial.storage.trial_fs_path
-        for name in self.FILES:
+        for name in (EXPR_RESULT_FILE, EXPR_PROGRESS_FILE):
             local = os.path.join(trial.local_path, name)
             if not os.path.exists(local) or (isinstance(fs, pyarrow.fs.LocalFileSystem)
                                              and os.path.realpath(local) == os.path.realpath(f"{remote}/{name}")):

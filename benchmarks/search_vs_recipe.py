@@ -27,7 +27,7 @@ there is. Writes under --out (results/benchmarks/):
   deviation; min and max) over seeds, and the difference from `recipe`;
 - `search_vs_recipe.png`: the PrivateTest figures per pipeline, one dot per run.
 
-Defaults (3 pipelines x 2 seeds x 15 minutes) take about 95 minutes on 2 CPU cores.
+Defaults (3 pipelines x 2 seeds x 15 minutes) take about 90 minutes on 2 CPU cores (86 measured).
 PrivateTest is read by each run's final stage only, as in any search; this script reads the
 tables those stages wrote.
 """

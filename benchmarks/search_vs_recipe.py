@@ -47,7 +47,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from search.tuning.console import Tally, counted  # noqa: E402
+from search.tuning.console import Tally, plan_text  # noqa: E402
 from trainables.files import write_csv  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,8 +101,7 @@ def figures(experiment: Path) -> dict:
         split = json.loads(budget.read_text())
         out.update({f"{k}_s": split[k] for k in ("startup", "search", "final", "total") if k in split})
         plan = split.get("plan") or {}
-        out["final_plan"] = (f"{counted(plan['top_k'], 'configuration')} x {counted(plan['seeds'], 'seed')} x "
-                             f"{counted(plan['epochs'], 'epoch')}" if plan else "")
+        out["final_plan"] = plan_text(plan["top_k"], plan["seeds"], plan["epochs"]) if plan else ""
     return out
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from search.tuning.cluster import trial_resources
-from search.tuning.console import counted
+from search.tuning.console import plan_text
 from search.tuning.records import TrialRecord
 from search.tuning.settings import Settings
 from trainables.errors import UserError
@@ -241,8 +241,8 @@ class TimeSplit:
         return self.startup + self.search + self.final
 
     def line(self) -> str:
-        plan = (f" ({counted(self.plan['top_k'], 'configuration')} x {counted(self.plan['seeds'], 'seed')} x "
-                f"{counted(self.plan['epochs'], 'epoch')})" if self.plan else "")
+        plan = (f" ({plan_text(self.plan['top_k'], self.plan['seeds'], self.plan['epochs'])})"
+                if self.plan else "")
         return (f"time budget {self.budget:.0f} s: start-up {self.startup:.0f} s, search {self.search:.0f} s, "
                 f"final stage {self.final:.0f} s{plan}; total {self.total:.0f} s "
                 f"({100 * self.total / self.budget:.1f}% of the budget)")
@@ -340,8 +340,8 @@ def fit_final_to_budget(s: Settings, trials: Sequence[TrialRecord], candidate_id
         print(f"final stage within the time budget: one epoch of the best {skip} configuration(s) (about "
               f"{times[0]:.0f} s) does not fit the {left:.0f} s left; training from the search's number "
               f"{skip + 1} on (about {times[skip]:.0f} s per epoch)", flush=True)
-    print(f"final stage within the time budget: {left:.0f} s left, so {counted(plan.top_k, 'configuration')} x "
-          f"{counted(plan.seeds, 'seed')} x {counted(plan.epochs, 'epoch')} ({slots} at once; estimated "
+    print(f"final stage within the time budget: {left:.0f} s left, so {plan_text(plan.top_k, plan.seeds, plan.epochs)} "
+          f"({slots} at once; estimated "
           f"{plan.seconds:.0f} s; wanted {s.final_top_k} x {s.final_seeds} x {epochs})", flush=True)
     if split:
         split.final_reserved, split.plan = left, {"top_k": plan.top_k, "seeds": plan.seeds, "epochs": plan.epochs,

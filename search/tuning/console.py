@@ -36,6 +36,11 @@ def counted(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+def plan_text(top_k: int, seeds: int, epochs: int) -> str:
+    """A final-stage plan as every line and table says it: '1 configuration x 2 seeds x 37 epochs'."""
+    return f"{counted(top_k, 'configuration')} x {counted(seeds, 'seed')} x {counted(epochs, 'epoch')}"
+
+
 def clock_text(seconds: float, hours: bool = False) -> str:
     """12:05, or 1:02:05 past an hour (or always with `hours`, to stand beside a clock that has them)."""
     seconds = max(0, int(seconds))

@@ -6,9 +6,9 @@ pipeline as a user would (`python -m search.run`, the README's one-hour command 
 
 - `search`: the whole main job: ASHA + TPE over the `convnet` space, the known-good
   configurations among its first trials, then the final stage with its share of the budget;
-- `recipe`: the known-good configurations alone: each trains one epoch on the search's
-  share of Training (the final stage plans from the seconds per epoch it measures), then the
-  final stage gets the rest of the budget, with the same planning (epochs, seeds, ensemble);
+- `recipe` (`--recipe-only`): the known-good configurations alone: each trains one epoch on the
+  search's share of Training (the final stage plans from the seconds per epoch it measures), then
+  the final stage gets the rest of the budget, with the same planning (epochs, seeds, ensemble);
 - `random`: random search without the known-good configurations, then the final stage.
 
 Every pipeline is the same command but for the flags above, so they differ only in what the
@@ -56,9 +56,10 @@ COMMON = ["--space", "convnet", "--train-fraction", "0.3", "--max-epochs", "10",
           "--final-epochs", "40", "--final-share", "0.5"]
 PIPELINES = {
     "search": [],
-    # Two trials (the space's two known-good configurations), one epoch each: the final stage's
-    # planner needs their measured seconds per epoch; no early stopping to judge one epoch.
-    "recipe": ["--num-samples", "2", "--max-epochs", "1", "--grace-epochs", "1", "--scheduler", "fifo"],
+    # The space's two known-good configurations, one epoch each (the final stage's planner needs their
+    # measured seconds per epoch), then the final stage: --num-samples 2 --max-epochs 1 --grace-epochs 1
+    # --scheduler fifo, with --final-epochs the README's 40.
+    "recipe": ["--recipe-only"],
     "random": ["--searcher", "random", "--no-known-good"],
 }
 REFERENCE = "recipe"

@@ -31,7 +31,7 @@ from search.tuning.records import UNFINISHED, TrialRecord, schedule_in_epochs, t
 from search.tuning.settings import Settings, parse_settings, settings_parser
 from search.tuning.storage import TUNE_DIR, experiment_root, resolve, tune_location, tune_started
 from search.tuning.study import STUDY_NAME, resume_into, settle_finished
-from search.tuning.warm_start import StudySeed, prepared_storage, study_seed
+from search.tuning.warm_start import KNOWN_GOOD, StudySeed, prepared_storage, study_seed
 from spaces import archs_of, get_space, with_constants
 from trainables.data import SEARCH_SPLITS, FERData, load_fer2013, stratified_fraction
 from trainables.errors import UserError, last_line
@@ -52,6 +52,22 @@ def load_search_data(s: Settings) -> FERData:
     return data
 
 
+def recipe_only(s: Settings) -> Settings:
+    """What --recipe-only runs: the known-good configurations as the only trials, one epoch each, none stopped.
+
+    One epoch, not none: the final stage plans its epochs from the seconds per epoch the trials measured.
+    `final_epochs` was resolved from the --max-epochs given (`parse_settings`), before this sets it to 1."""
+    if not s.known_good:
+        raise UserError("--recipe-only trains the space's known-good configurations; drop --no-known-good")
+    if s.warm_start:
+        raise UserError("--recipe-only runs no search for --warm-start's trials to seed; drop one of the two")
+    count = len(KNOWN_GOOD.get(s.space, []))
+    if not count:
+        raise UserError(f"the space '{s.space}' has no known-good configurations for --recipe-only; "
+                        f"choose from {sorted(k for k, v in KNOWN_GOOD.items() if v)}")
+    return dataclasses.replace(s, num_samples=count, max_epochs=1, grace_epochs=1, scheduler="fifo")
+
+
 def check_experiment_dir(s: Settings) -> Path:
     """Refuse to overwrite an experiment, and to resume one that does not exist."""
     exp = s.experiment_dir
@@ -70,7 +86,8 @@ def check_experiment_dir(s: Settings) -> Path:
 
 # Settings that define what a search is; a resumed search must keep them.
 SEARCH_FIELDS = ("space", "data", "storage", "train_fraction", "labels", "ferplus", "seed", "num_samples", "max_epochs",
-                 "grace_epochs", "searcher", "scheduler", "pretrained", "warm_start", "known_good", "ema_fraction")
+                 "grace_epochs", "searcher", "scheduler", "pretrained", "warm_start", "known_good", "recipe_only",
+                 "ema_fraction")
 
 
 def check_resume_settings(s: Settings) -> None:
@@ -221,13 +238,21 @@ def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurre
     )
 
 
+def what_runs(s: Settings) -> str:
+    """The trials a search runs, as its first line says them."""
+    if s.recipe_only:
+        return (f"no search (--recipe-only): its {s.num_samples} known-good configurations, one epoch each to time "
+                f"them for the final stage")
+    rungs = asha_rungs(s)[:-1]
+    judged = f"ASHA at epochs {', '.join(map(str, rungs))}" if rungs else "no early stopping"
+    return f"{s.num_samples} trials of up to {s.max_epochs} epochs ({judged}), searcher {s.searcher}"
+
+
 def header(s: Settings, data: FERData, resources: dict, concurrent: int, budget: SearchBudget | None,
            study: StudySeed | None) -> list[str]:
     """The lines a search starts with: the experiment, its data, its budget, its resources, what the study holds."""
-    rungs = asha_rungs(s)[:-1]
-    judged = f"ASHA at epochs {', '.join(map(str, rungs))}" if rungs else "no early stopping"
-    lines = [f"experiment {s.experiment_dir}: space {s.space}, {s.num_samples} trials of up to {s.max_epochs} "
-             f"epochs ({judged}), searcher {s.searcher}, seed {s.seed}" + (" (resumed)" if s.resume else ""),
+    lines = [f"experiment {s.experiment_dir}: space {s.space}, {what_runs(s)}, seed {s.seed}"
+             + (" (resumed)" if s.resume else ""),
              f"data: {data.source}, {len(data.train)} Training images"
              + (f" ({100 * s.train_fraction:.0f}%)" if s.train_fraction < 1 else "")
              + f", {len(data.val)} PublicTest images (PrivateTest is read by the final stage only)"]
@@ -260,6 +285,7 @@ def run_search(s: Settings, started: float | None = None) -> int:
     `started` (a `time.time()` value, default now) is when --time-budget starts counting.
     """
     clock = Clock(s.time_budget, started or time.time()) if s.time_budget else None
+    s = recipe_only(s) if s.recipe_only else s
     get_space(s.space)
     check_local_gpus(s)
     exp = check_experiment_dir(s)

@@ -78,6 +78,12 @@ class Settings:
                             metavar="DIR", default_text="none")
     known_good: bool = _flag(True, "do not evaluate the space's known-good configurations first",
                              action="store_false", flag="--no-known-good")
+    recipe_only: bool = _flag(False, "no search: train only the space's known-good configurations, one epoch each "
+                                     "(which times them for the final stage's plan), and give the final stage the "
+                                     "rest of the time (sets --num-samples to their number, --max-epochs and "
+                                     "--grace-epochs 1, --scheduler fifo; --final-epochs defaults to the "
+                                     "--max-epochs given); with under an hour on a CPU it beats the search "
+                                     "(docs/performance.md)", action="store_true")
     seed: int = _flag(0, "seed of the searcher, the data slices and the trials")
     address: str = _flag("", "address of a running Ray cluster", default_text="a local Ray instance")
     labels: str = _flag("fer2013", "fer2013: the original 7 labels; ferplus: FER+ votes, 8 classes",

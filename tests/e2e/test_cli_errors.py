@@ -68,6 +68,9 @@ CASES = {
     "final share 1": (_good, ["--final-share", "1"], "--final-share must be in (0, 1)"),
     "warm start from nothing": (_good, ["--warm-start", "/nonexistent"],
                                 "--warm-start /nonexistent is not an experiment folder"),
+    "recipe only without known-good": (_good, ["--recipe-only", "--no-known-good"], "drop --no-known-good"),
+    "recipe only with a warm start": (_good, ["--recipe-only", "--warm-start", "/nonexistent"],
+                                      "--recipe-only runs no search for --warm-start"),
 }
 
 

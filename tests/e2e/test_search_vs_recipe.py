@@ -34,7 +34,8 @@ def test_runs_are_kept_read_back_and_merged(tmp_path):
     work = out / "search_vs_recipe"
     run = work / "recipe-75s-seed0"
     log = (work / "recipe-75s-seed0.log").read_text()
-    assert log.startswith(f"{sys.executable} -m search.run ") and "--num-samples 2 --max-epochs 1" in log
+    assert log.startswith(f"{sys.executable} -m search.run ") and "--recipe-only" in log
+    assert "no search (--recipe-only): its 2 known-good configurations" in log
     assert "--time-budget 75 --seed 0" in log and "final stage within the time budget" in log
     trials = pd.read_csv(run / "trials.csv", dtype={"trial_id": str})
     assert len(trials) == 2 and (trials["epochs"] == 1).all()  # the known-good recipes, one epoch each

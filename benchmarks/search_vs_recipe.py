@@ -56,9 +56,7 @@ COMMON = ["--space", "convnet", "--train-fraction", "0.3", "--max-epochs", "10",
           "--final-epochs", "40", "--final-share", "0.5"]
 PIPELINES = {
     "search": [],
-    # The space's two known-good configurations, one epoch each (the final stage's planner needs their
-    # measured seconds per epoch), then the final stage: --num-samples 2 --max-epochs 1 --grace-epochs 1
-    # --scheduler fifo, with --final-epochs the README's 40.
+    # The space's known-good configurations, one epoch each, then the final stage (search.run.recipe_only).
     "recipe": ["--recipe-only"],
     "random": ["--searcher", "random", "--no-known-good"],
 }

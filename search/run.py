@@ -56,11 +56,8 @@ def recipe_only(s: Settings) -> Settings:
     """What --recipe-only runs: the known-good configurations as the only trials, one epoch each, none stopped.
 
     One epoch, not none: the final stage plans its epochs from the seconds per epoch the trials measured.
-    `final_epochs` was resolved from the --max-epochs given (`parse_settings`), before this sets it to 1."""
-    if not s.known_good:
-        raise UserError("--recipe-only trains the space's known-good configurations; drop --no-known-good")
-    if s.warm_start:
-        raise UserError("--recipe-only runs no search for --warm-start's trials to seed; drop one of the two")
+    `final_epochs` was resolved from the --max-epochs given (`parse_settings`), before this sets it to 1; the
+    flags it cannot go with were refused there (`check_settings`)."""
     count = len(KNOWN_GOOD.get(s.space, []))
     if not count:
         raise UserError(f"the space '{s.space}' has no known-good configurations for --recipe-only; "

@@ -341,8 +341,8 @@ def fit_final_to_budget(s: Settings, trials: Sequence[TrialRecord], candidate_id
               f"{times[0]:.0f} s) does not fit the {left:.0f} s left; training from the search's number "
               f"{skip + 1} on (about {times[skip]:.0f} s per epoch)", flush=True)
     print(f"final stage within the time budget: {left:.0f} s left, so {plan_text(plan.top_k, plan.seeds, plan.epochs)} "
-          f"({slots} at once; estimated "
-          f"{plan.seconds:.0f} s; wanted {s.final_top_k} x {s.final_seeds} x {epochs})", flush=True)
+          f"({slots} at once; estimated {plan.seconds:.0f} s; wanted {s.final_top_k} x {s.final_seeds} x {epochs})",
+          flush=True)
     if split:
         split.final_reserved, split.plan = left, {"top_k": plan.top_k, "seeds": plan.seeds, "epochs": plan.epochs,
                                                   "estimated_seconds": round(plan.seconds, 1), "passed_over": skip}

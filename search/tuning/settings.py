@@ -206,6 +206,10 @@ def check_settings(s: Settings) -> None:
         raise UserError(f"--ema-fraction must be in [0, 1), got {s.ema_fraction}")
     if s.beta <= 0:
         raise UserError(f"--beta must be positive, got {s.beta}")
+    if s.recipe_only and not s.known_good:
+        raise UserError("--recipe-only trains the space's known-good configurations; drop --no-known-good")
+    if s.recipe_only and s.warm_start:
+        raise UserError("--recipe-only runs no search for --warm-start's trials to seed; drop one of the two")
     if not s.name or "/" in s.name or s.name in (".", ".."):
         raise UserError(f"--name must be a plain folder name, got '{s.name}'")
 

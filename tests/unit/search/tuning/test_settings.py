@@ -1,4 +1,5 @@
-"""The command line's settings: what --recipe-only sets (search.run.recipe_only), and what it refuses."""
+"""The command line's settings: what --recipe-only sets (search.run.recipe_only), and what it refuses
+(search.tuning.settings.check_settings)."""
 from __future__ import annotations
 
 import pytest
@@ -40,7 +41,7 @@ def test_the_search_says_it_is_no_search():
 ])
 def test_recipe_only_refuses_what_contradicts_it(flags, why):
     with pytest.raises(UserError, match=why):
-        recipe_only(parse_settings(["--space", "convnet", "--recipe-only", "--name", "x", *flags]))
+        parse_settings(["--space", "convnet", "--recipe-only", "--name", "x", *flags])
 
 
 def test_a_space_without_known_good_configurations_cannot_be_recipe_only(monkeypatch):

@@ -33,10 +33,11 @@ class Candidate:
     config: TrialConfig
     search_val_acc: float
     near_copy_of: str = ""  # the better candidate's trial id, when the search found nothing distinct to take
+    prefix: str = ""  # "distilled-" for the student trained from the ensemble (search.final_stage.student)
 
     @property
     def name(self) -> str:
-        return f"top{self.rank}-{self.trial_id}"
+        return f"{self.prefix}top{self.rank}-{self.trial_id}"
 
 
 def near_copy(a: dict, b: dict) -> bool:

@@ -9,17 +9,19 @@ from typing import Any, Sequence
 import pandas as pd
 
 from search.final_stage.retrain import FinalRun, seeds_of
-from search.final_stage.scoring import ANALYSIS_TTA, ensemble_members
+from search.final_stage.scoring import ANALYSIS_TTA, DISTILLED, ensemble_members
 from search.serving.deploy import classifier_from_weights, export_onnx
 from search.tuning.settings import Settings
 from trainables.files import write_text
 
 
-def write_exports(out: Path, runs: Sequence[FinalRun], full: dict) -> dict[str, Path]:
-    """export/best_single.onnx and export/best_ensemble.onnx: chosen by PublicTest accuracy, calibrated.
+def write_exports(out: Path, runs: Sequence[FinalRun], full: dict,
+                  student: FinalRun | None = None) -> dict[str, Path]:
+    """export/best_single.onnx and export/best_ensemble.onnx: chosen by PublicTest accuracy, calibrated; and
+    export/best_distilled.onnx, the `student`, when there is one.
 
-    The single run carries its own temperature; the ensemble (the better of the two by PublicTest,
-    without TTA) the temperature fitted to its mean softmax.
+    The single run and the student carry their own temperature; the ensemble (the better of the two by
+    PublicTest, without TTA) the temperature fitted to its mean softmax.
     """
     best = max(runs, key=lambda r: r.val_acc)
     kind = max(ensemble_members(runs), key=lambda k: full[k, ANALYSIS_TTA]["val_acc"])
@@ -37,6 +39,10 @@ def write_exports(out: Path, runs: Sequence[FinalRun], full: dict) -> dict[str, 
         classifier, meta = classifier_from_weights(weights, temperature=temperature)
         meta.update(extra, val_acc_publictest=full[extra["model"], ANALYSIS_TTA]["val_acc"])
         written[label] = export_onnx(classifier, meta, out / "export" / f"{label}.onnx")
+    if student is not None:
+        classifier, meta = classifier_from_weights([student.weights])
+        meta.update(model=student.name, val_acc_publictest=full[DISTILLED, ANALYSIS_TTA]["val_acc"])
+        written["best_distilled"] = export_onnx(classifier, meta, out / "export" / "best_distilled.onnx")
     return written
 
 
@@ -73,6 +79,12 @@ measured once on {test_name}, which the search never read. TTA modes: {', '.join
   exported models apply.
 - `export/best_single.onnx`, `export/best_ensemble.onnx`: the best run and the better ensemble
   by PublicTest accuracy, calibrated, for ONNX Runtime (see `python -m search.export_model`).
+- `export/best_distilled.onnx` (with --distill, the default, when the ensemble has two or more
+  runs): the `distilled` row of `metrics.csv`, one network of the best run's configuration that
+  started from the best run's weights and was trained on Training with the exported ensemble's
+  probabilities (softened at temperature 2, weight 0.7, the rest the label) as targets (the
+  better of the two ensembles of two runs or more by PublicTest), keeping
+  its best PublicTest epoch; it costs one model per face, the ensemble one per member.
 - `kernels.png`, `activations.png`: the first-layer kernels of the best single run, and per
   emotion its mean PublicTest face with where its deepest convolution that keeps a spatial grid
   fires more (red) or less (blue) than on the average emotion.

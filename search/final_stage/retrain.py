@@ -100,8 +100,10 @@ def _open_writer(tensorboard_dir: str | None):
 
 def retrain(config: TrialConfig, data: FERData, *, epochs: int, seed: int, threads: int = 1,
             tensorboard_dir: str | None = None, label: str = "", ttas: Sequence[str] = TTA_MODES,
-            deadline: float | None = None, progress: Callable[[dict], None] | None = None) -> dict:
-    """Train `config` from scratch for `epochs`, keeping the weights of its best PublicTest epoch.
+            deadline: float | None = None, progress: Callable[[dict], None] | None = None,
+            init_state: dict | None = None) -> dict:
+    """Train `config` from scratch (or from `init_state`) for `epochs`, keeping the weights of its best
+    PublicTest epoch.
 
     Plain PyTorch (the final stage runs it as a Ray task). Returns the best epoch's
     state_dict on the CPU, that epoch's number and PublicTest accuracy, the per-epoch
@@ -117,7 +119,8 @@ def retrain(config: TrialConfig, data: FERData, *, epochs: int, seed: int, threa
     run that still meets the deadline stops after the last epoch that ends before it, mid-schedule:
     `stopped_early` says so. `progress` is sent each epoch (`{"run", "epoch", "epochs", "val_acc"}`) and
     each note (`{"run", "note"}`) as it happens (the final stage shows them on the driver's console); by
-    default they are printed.
+    default they are printed. `init_state` (a state_dict of the same model) starts the run from those
+    weights: the distilled student starts from the best run's.
     """
     tell = progress or _print_progress
     if set(data.splits) - set(SEARCH_SPLITS):
@@ -129,6 +132,10 @@ def retrain(config: TrialConfig, data: FERData, *, epochs: int, seed: int, threa
                 "stopped_early": False, "not_started": True, "planned_epochs": 0}
     torch.set_num_threads(max(1, threads))
     run = build_run(config, data, epochs=epochs, seed=seed)
+    if init_state is not None:
+        run.model.load_state_dict(init_state)
+        if run.ema is not None:
+            run.ema.module.load_state_dict(init_state)
     writer = _open_writer(tensorboard_dir)
     history, diverged, stopped_early, epoch_seconds = [], "", False, 0.0
     try:
@@ -198,13 +205,17 @@ def _get(ref):
 
 
 def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, epochs: int,
-                out: Path, ttas: Sequence[str] = TTA_MODES, deadline: float | None = None) -> list[FinalRun]:
-    """Retrain every candidate with every seed as parallel Ray tasks; save the weights.
+                out: Path, ttas: Sequence[str] = TTA_MODES, deadline: float | None = None,
+                seeds: Sequence[int] | None = None, init_state: dict | None = None, cpus: int = 0,
+                info: dict | None = None) -> list[FinalRun]:
+    """Retrain every candidate with every seed (default `seeds_of(s)`) as parallel Ray tasks; save the weights.
 
     Each task asks for what a trial of its configuration asked for (`task_options`): the CPUs,
     a GPU share that holds its estimated memory and its host memory, so that two large
     configurations the search ran one per GPU do not share a card here.
-    `deadline` (a `time.time()` value) is when every run must have finished training.
+    `deadline` (a `time.time()` value) is when every run must have finished training. The distilled
+    student is one more call: `init_state` (the weights it starts from), `cpus` (a run alone may use
+    every CPU the runs had: -1; 0 keeps a trial's) and `info` (recorded in its weights file).
     """
     import ray
 
@@ -213,7 +224,9 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
     pending: list = []
     bars, box = RunBars(live=False if s.verbose else None), None
     try:
-        resources, _ = trial_resources(s, cluster)
+        resources, slots = trial_resources(s, cluster)
+        if cpus < 0:  # a run alone: every CPU the runs had at once, on one node (a GPU run keeps a trial's)
+            cpus = 0 if resources["gpu"] else alone_cpus(resources["cpu"] * slots)
         limits = memory_limits(bool(resources["gpu"]))
         task = ray.remote(retrain_task)
         data_ref = ray.put(without_test(data))
@@ -221,19 +234,23 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
         # runs, so they are shown here whether or not the workers' output is.
         box = ray.remote(num_cpus=0)(ProgressBox).remote()  # in a light module: the actor imports no torch
         jobs = {}
+        seeds = list(seeds_of(s) if seeds is None else seeds)
         for cand in candidates:
             options = task_options(cand.config, resources, limits, data.num_classes)
-            for seed in seeds_of(s):
+            if cpus:
+                options["num_cpus"] = cpus
+            for seed in seeds:
                 name = run_name(cand.name, seed)
                 board = (out / "tensorboard" / name).resolve()
                 ref = task.options(**options).remote(cand.config, data_ref, epochs=epochs, seed=seed,
-                                                     threads=s.cpus_per_trial, tensorboard_dir=str(board),
+                                                     threads=cpus or s.cpus_per_trial, tensorboard_dir=str(board),
                                                      label=name, ttas=list(ttas), deadline=deadline,
-                                                     progress=Sender(box))
+                                                     progress=Sender(box), init_state=init_state)
                 jobs[ref] = (cand, seed, board)
-        bars.note(f"final stage: retraining {counted(len(candidates), 'configuration')} x "
-                  f"{counted(s.final_seeds, 'seed')} for {counted(epochs, 'epoch')} on {len(data.train)} "
-                  f"Training images ({resources['cpu']} CPU, {resources['gpu']} GPU each)")
+        if init_state is None:
+            bars.note(f"final stage: retraining {counted(len(candidates), 'configuration')} x "
+                      f"{counted(len(seeds), 'seed')} for {counted(epochs, 'epoch')} on {len(data.train)} "
+                      f"Training images ({resources['cpu']} CPU, {resources['gpu']} GPU each)")
         runs, pending = [], list(jobs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1, timeout=REFRESH_SECONDS)
@@ -243,7 +260,7 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
             cand, seed, board = jobs[done[0]]
             result = _get(done[0])
             _show_sent(box, bars)  # the run's last epochs, before its result line
-            run = save_run(result, cand, seed, s, data, out, board, say=bars.note)
+            run = save_run(result, cand, seed, s, data, out, board, say=bars.note, info=info)
             if run:
                 runs.append(run)
                 bars.note(f"final run {run.name}: best PublicTest accuracy {run.val_acc:.4f} at epoch "
@@ -262,6 +279,14 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
 
 
 REFRESH_SECONDS = 0.5  # how often the driver shows the runs' progress
+
+
+def alone_cpus(wanted: int) -> int:
+    """`wanted` CPUs for one task, at most what the largest live node of the Ray cluster has."""
+    import ray
+
+    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
+    return int(max(1, min(wanted, largest)))
 
 
 def retrain_task(*args, progress: Sender, **kwargs) -> dict:
@@ -302,9 +327,9 @@ def seeds_of(s: Settings) -> list[int]:
 
 
 def save_run(result: dict, cand: Candidate, seed: int, s: Settings, data: FERData, out: Path,
-             board: Path, say: Callable[[str], None] = print) -> FinalRun | None:
-    """Write a finished task's best weights (+ config JSON) and make sure its TensorBoard scalars exist here;
-    `say` shows why a run was left out."""
+             board: Path, say: Callable[[str], None] = print, info: dict | None = None) -> FinalRun | None:
+    """Write a finished task's best weights (+ config JSON, with `info` added) and make sure its TensorBoard
+    scalars exist here; `say` shows why a run was left out."""
     name = run_name(cand.name, seed)
     if result["history"] and not any(board.glob("events.out.tfevents.*")):
         write_scalars(board, result["history"])  # the task ran on another node, whose disk we cannot see
@@ -320,7 +345,7 @@ def save_run(result: dict, cand: Candidate, seed: int, s: Settings, data: FERDat
             "trained_on": result["trained_on"], "planned_epochs": result["planned_epochs"],
             "truncated": result["stopped_early"],
             # fitted on PublicTest without TTA, as search.predict and the exported models classify
-            "temperature": fit_temperature(result["val_probs"]["none"], data.val.y.numpy())}
+            "temperature": fit_temperature(result["val_probs"]["none"], data.val.y.numpy()), **(info or {})}
     path = save_weights(out / "models" / name, result["state_dict"], config=cand.config, classes=data.classes,
                         info=info)
     return FinalRun(candidate=cand, seed=seed, weights=path, best_epoch=int(result["best_epoch"]),

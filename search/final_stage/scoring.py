@@ -1,4 +1,5 @@
-"""Scoring the final runs on PrivateTest: every run, the per-configuration mean and spread, two ensembles.
+"""Scoring the final runs on PrivateTest: every run, the per-configuration mean and spread, two ensembles and
+the distilled student.
 
 Each TTA mode gets its own rows. Metrics are scikit-learn's (`trainables.metrics`); this
 module turns them into the final stage's tables and picks the model the error analysis
@@ -21,7 +22,8 @@ from trainables.weights import load_weights
 
 # The error analysis (confused pairs, mistakes) is done without test-time augmentation.
 ANALYSIS_TTA = "none"
-KINDS = ("run", "mean", "std", "ensemble_all", "ensemble_best")
+KINDS = ("run", "mean", "std", "ensemble_all", "ensemble_best", "distilled")
+DISTILLED = "distilled"  # the student's key in the full metrics (and its rows' kind)
 DEDUP_COLUMNS = ["accuracy_dedup", "n_duplicates", "n_dup_training", "n_dup_publictest"]
 METRIC_COLUMNS = ["kind", "config", "trial_id", "seed", "lr", "tta", "n_runs", "best_epoch", "truncated", "val_acc",
                   "search_val_acc", *SCALAR_METRICS, *DEDUP_COLUMNS, *CALIBRATION_COLUMNS, "n_images", "beta"]
@@ -85,8 +87,9 @@ def ensemble_members(runs: Sequence[FinalRun]) -> dict[str, list[FinalRun]]:
 
 
 def score_models(runs: Sequence[FinalRun], probs: dict, data: FERData, *, ttas: Sequence[str],
-                 beta: float) -> tuple[list[dict], dict[tuple[str, str], dict]]:
-    """Score every run and ensemble on PrivateTest per TTA mode: metric rows, and each model's full metrics."""
+                 beta: float, student: FinalRun | None = None) -> tuple[list[dict], dict[tuple[str, str], dict]]:
+    """Score every run, ensemble and the `student` on PrivateTest per TTA mode: metric rows, and each model's full
+    metrics (the student's under DISTILLED; it is in no ensemble and no seed mean)."""
     dup = duplicate_masks(data, "PrivateTest")
     val_y, test_y = data.val.y.numpy(), data.test.y.numpy()
     models = [(run.name, {"kind": "run", "config": run.candidate.name, "trial_id": run.candidate.trial_id,
@@ -96,6 +99,11 @@ def score_models(runs: Sequence[FinalRun], probs: dict, data: FERData, *, ttas: 
     for kind, members in ensemble_members(runs).items():
         models.append((kind, {"kind": kind, "config": "+".join(r.name for r in members), "n_runs": len(members)},
                        members))
+    if student is not None:
+        models.append((DISTILLED, {"kind": DISTILLED, "config": student.name, "trial_id": student.candidate.trial_id,
+                                   "seed": student.seed, "lr": student.lr, "n_runs": 1,
+                                   "best_epoch": student.best_epoch, "truncated": student.truncated,
+                                   "search_val_acc": student.candidate.search_val_acc}, [student]))
     rows, full = [], {}
     for tta in ttas:
         for name, ids, members in models:
@@ -134,7 +142,7 @@ def metrics_table(rows: list[dict], ttas: Sequence[str]) -> pd.DataFrame:
     """metrics.csv: per configuration its runs, mean and std rows; the ensembles last; TTA modes side by side."""
     df = pd.DataFrame(rows + summarize_seeds(rows)).reindex(columns=METRIC_COLUMNS)
     rank = df["config"].str.extract(r"^top(\d+)-", expand=False).astype(float)
-    df["_rank"] = np.where(df["kind"].str.startswith("ensemble"), np.inf, rank)
+    df["_rank"] = np.where(df["kind"].str.startswith("ensemble") | (df["kind"] == DISTILLED), np.inf, rank)
     df["_kind"] = df["kind"].map(KINDS.index)
     df["_tta"] = df["tta"].map(list(ttas).index)
     df = df.sort_values(["_rank", "_kind", "seed", "_tta"], kind="stable", na_position="first")
@@ -149,9 +157,11 @@ def per_class_table(full: dict[tuple[str, str], dict]) -> pd.DataFrame:
     return df[["model", "tta", "class", "precision", "recall", "fbeta", "support"]]
 
 
-def choose_analysed(full: dict[tuple[str, str], dict], runs: Sequence[FinalRun]) -> str:
-    """The model the error analysis describes: best PublicTest accuracy without TTA (single runs win ties)."""
-    names = [r.name for r in runs] + list(ensemble_members(runs))
+def choose_analysed(full: dict[tuple[str, str], dict], runs: Sequence[FinalRun],
+                    student: FinalRun | None = None) -> str:
+    """The model the error analysis describes: best PublicTest accuracy without TTA (single runs win ties, then
+    the ensembles, then the student)."""
+    names = [r.name for r in runs] + list(ensemble_members(runs)) + ([DISTILLED] if student else [])
     return max(names, key=lambda n: full[n, ANALYSIS_TTA]["val_acc"])
 
 

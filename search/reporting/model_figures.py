@@ -76,7 +76,7 @@ def analysed_model(final_dir: Path) -> AnalysedModel:
     table = pd.read_csv(metrics)
     runs = table[(table["kind"] == "run") & (table["tta"] == "none")].copy()
     runs["name"] = [run_name(config, int(seed)) for config, seed in zip(runs["config"], runs["seed"])]
-    if name.startswith("ensemble"):
+    if name.startswith("ensemble") or name == "distilled":  # the student's row names its weights file
         row = table[(table["kind"] == name) & (table["tta"] == "none")]
         member_names = str(row["config"].iloc[0]).split("+") if len(row) else []
     else:

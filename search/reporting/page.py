@@ -160,7 +160,8 @@ def final_section(exp: Path, figures: Path) -> Section:
     table = pd.read_csv(metrics)
     cols = [c for c in ("kind", "config", "seed", "tta", "val_acc", "accuracy", "accuracy_dedup", "fbeta_macro",
                         "top2_accuracy", "ece", "ece_calibrated") if c in table.columns]
-    sec.table(table[cols], "metrics.csv: every run, the mean and spread per configuration, the ensembles; "
+    sec.table(table[cols], "metrics.csv: every run, the mean and spread per configuration, the ensembles, the "
+                           "distilled student (one network taught by the exported ensemble); "
                            "val_acc is PublicTest, accuracy PrivateTest; ece is the expected calibration error "
                            "before and after temperature scaling (fitted on PublicTest).")
     pairs = final / "confused_pairs.csv"
@@ -242,6 +243,9 @@ def summary(trials: pd.DataFrame, exp: Path) -> str:
                     f"(the final runs average {runs['accuracy'].mean():.1%})")
             if len(ens):
                 part += f", of the ensemble chosen on PublicTest {_chosen(ens)['accuracy']:.1%}"
+            student = m[(m["kind"] == "distilled") & (m["tta"] == "none")]
+            if len(student):
+                part += f", of the distilled student {student['accuracy'].iloc[0]:.1%}"
             parts.append(part + " (no test-time augmentation)")
     else:
         parts.append("no final stage yet")

@@ -26,6 +26,7 @@ from search.tuning.cluster import trial_resources
 from search.tuning.console import plan_text
 from search.tuning.records import TrialRecord
 from search.tuning.settings import Settings
+from trainables.distill import student_epochs
 from trainables.errors import UserError
 from trainables.files import write_text
 from trainables.metrics import METRIC
@@ -54,6 +55,10 @@ EXPORT_SECONDS_PER_MEMBER = 1.0
 INFERENCE_SPEEDUP = 3.0  # a forward pass costs about a third of a training step (forward + backward)
 RUN_START_SECONDS = 5.0   # a Ray task's start, the model's build and the data hand-off
 EPOCH_SLACK = 0.15        # plan_final gives up at most this share of epochs for more runs
+# --distill: the ensemble labels Training once (each member's pass, flip TTA, in bf16, as this share of a
+# training epoch of its configuration), then the student trains alone (`trainables.distill.student_epochs`
+# epochs, at a trial's speed: its extra threads are not counted on).
+TEACHER_PASS_EPOCHS = 1.4
 # From the search's stop to the final stage's plan: Tune stops the running trials, trials.csv is
 # written and the three splits are loaded (measured: 4-6 s on 2 busy CPU cores).
 STOP_SECONDS = 8.0
@@ -107,10 +112,12 @@ class FinalPlan:
     epochs: int
     training_seconds: float
     eval_seconds: float
+    student_epochs: int = 0        # --distill: the student's epochs (0: no student, one run has no ensemble)
+    student_seconds: float = 0.0   # the teachers' pass over Training and the student's training
 
     @property
     def seconds(self) -> float:
-        return self.training_seconds + self.eval_seconds
+        return self.training_seconds + self.student_seconds + self.eval_seconds
 
     @property
     def runs(self) -> int:
@@ -171,8 +178,17 @@ def plan_seconds(epoch_seconds: Sequence[float], slots: int, seeds: int, epochs:
     return sum(max(durations[i:i + slots]) for i in range(0, len(durations), max(1, slots)))
 
 
+def student_seconds(runs: int, epochs: int, best_epoch_seconds: float, slowest_epoch_seconds: float) -> float:
+    """--distill after `runs` final runs of `epochs`: every run labels Training once (the ensemble of all of them
+    at most), then the student, the best configuration, trains its epochs alone. 0 for one run (no ensemble)."""
+    if runs < 2:
+        return 0.0
+    return (runs * TEACHER_PASS_EPOCHS * slowest_epoch_seconds + student_epochs(epochs) * best_epoch_seconds
+            + RUN_START_SECONDS)
+
+
 def plan_final(epoch_seconds: Sequence[float], *, slots: int, top_k: int, seeds: int, epochs: int,
-               seconds: float, n_full: int, n_test: int, ttas: int) -> FinalPlan | None:
+               seconds: float, n_full: int, n_test: int, ttas: int, distill: bool = False) -> FinalPlan | None:
     """The largest final stage within `seconds`: most epochs first, then most runs, then most seeds.
 
     `epoch_seconds` are the full-data seconds per epoch of the candidates, best first. Epochs
@@ -180,18 +196,28 @@ def plan_final(epoch_seconds: Sequence[float], *, slots: int, top_k: int, seeds:
     EPOCH_SLACK of the most epochs, more runs (the ensemble) win, which fills the parallel
     slots; at equal runs, more seeds of the best configurations before more configurations,
     so that the seed mean and spread are measured (a second seed of the best configuration
-    is also the surer ensemble partner). None when not even one epoch of one run fits.
+    is also the surer ensemble partner). None when not even one epoch of one run fits. With `distill`
+    a plan of two or more runs also holds the student after them (`student_seconds`), scored with them.
     """
     times = [t if math.isfinite(t) else max((x for x in epoch_seconds if math.isfinite(x)), default=60.0)
              for t in epoch_seconds]
     options = []
     for k in range(1, min(top_k, len(times)) + 1):
         for n in range(1, seeds + 1):
-            reserve = eval_seconds(k * n, max(times[:k]), n_full, n_test, ttas)
-            fits = [e for e in range(1, epochs + 1) if plan_seconds(times[:k], slots, n, e) + reserve <= seconds]
+            student = distill and k * n > 1
+            reserve = eval_seconds(k * n + student, max(times[:k]), n_full, n_test, ttas)
+
+            def extra(e: int) -> float:
+                return student_seconds(k * n, e, times[0], max(times[:k])) if student else 0.0
+
+            fits = [e for e in range(1, epochs + 1)
+                    if plan_seconds(times[:k], slots, n, e) + extra(e) + reserve <= seconds]
             if fits:
-                options.append(FinalPlan(top_k=k, seeds=n, epochs=fits[-1], eval_seconds=reserve,
-                                         training_seconds=plan_seconds(times[:k], slots, n, fits[-1])))
+                e = fits[-1]
+                options.append(FinalPlan(top_k=k, seeds=n, epochs=e, eval_seconds=reserve,
+                                         training_seconds=plan_seconds(times[:k], slots, n, e),
+                                         student_epochs=student_epochs(e) if student else 0,
+                                         student_seconds=extra(e)))
     if not options:
         return None
     most = max(p.epochs for p in options)
@@ -201,7 +227,8 @@ def plan_final(epoch_seconds: Sequence[float], *, slots: int, top_k: int, seeds:
 
 
 def final_reserve(trials: Sequence[Measured], *, clock: Clock, share: float, slots: int, top_k: int,
-                  seeds: int, epochs: int, n_search: int, n_full: int, n_test: int, ttas: int) -> float:
+                  seeds: int, epochs: int, n_search: int, n_full: int, n_test: int, ttas: int,
+                  distill: bool = False) -> float:
     """Seconds the search leaves for the final stage: what the wanted final stage needs at the
     measured speed of the best trials so far, at most `share` of the budget (all of that share
     while nothing is measured yet) but at least one epoch of the best configuration. When the
@@ -213,11 +240,13 @@ def final_reserve(trials: Sequence[Measured], *, clock: Clock, share: float, slo
     times = [t for t in times if math.isfinite(t)]
     if not times:
         return cap + STOP_SECONDS
-    need = plan_seconds(times, slots, seeds, epochs) + eval_seconds(len(times) * seeds, max(times), n_full,
-                                                                    n_test, ttas)
+    runs = len(times) * seeds
+    student = distill and runs > 1
+    need = (plan_seconds(times, slots, seeds, epochs) + eval_seconds(runs + student, max(times), n_full, n_test, ttas)
+            + (student_seconds(runs, epochs, times[0], max(times)) if student else 0.0))
     if need > cap:  # the wanted stage does not fit its share: reserve what the plan that fits will use
         plan = plan_final(times, slots=slots, top_k=top_k, seeds=seeds, epochs=epochs, seconds=cap,
-                          n_full=n_full, n_test=n_test, ttas=ttas)
+                          n_full=n_full, n_test=n_test, ttas=ttas, distill=distill)
         if plan is not None:  # not the share's unused rest: whole runs come in waves, and that rest idled
             need = plan.seconds
     # Never less than one epoch of the best configuration, so a final stage always fits.
@@ -269,13 +298,14 @@ class SearchBudget:
     stopped_at: float | None = None  # time.time() when the search was stopped for the final stage
 
     final: bool = True      # False (--no-final): the search may use the whole budget but its own stop
+    distill: bool = False   # --distill: the final stage's reserve holds the student too
 
     def reserve(self, measured: Sequence[Measured]) -> float:
         if not self.final:
             return STOP_SECONDS
         return final_reserve(measured, clock=self.clock, share=self.share, slots=self.slots, top_k=self.top_k,
                              seeds=self.seeds, epochs=self.epochs, n_search=self.n_search, n_full=self.n_full,
-                             n_test=self.n_test, ttas=self.ttas)
+                             n_test=self.n_test, ttas=self.ttas, distill=self.distill)
 
     def search_over(self, measured: Sequence[Measured]) -> bool:
         """Whether the search must stop now. Never before some trial has finished an epoch, unless only
@@ -305,9 +335,10 @@ def active() -> SearchBudget | None:
 
 def fit_final_to_budget(s: Settings, trials: Sequence[TrialRecord], candidate_ids: Sequence[str], clock: Clock,
                         data: FERData,
-                        ttas: Sequence[str], split: TimeSplit | None) -> tuple[Settings, float, int]:
-    """The final stage's top-k, seeds and epochs cut to the time left, the deadline of its runs, and how many
-    of the best candidates it passes over.
+                        ttas: Sequence[str], split: TimeSplit | None) -> tuple[Settings, FinalPlan, float, int]:
+    """The final stage's top-k, seeds and epochs cut to the time left, its plan (with the student's epochs under
+    --distill), the deadline of its runs (the student's is the plan's `eval_seconds` before the budget's end),
+    and how many of the best candidates it passes over.
 
     Sized from the per-epoch times the search measured for the trials `candidate_ids`, best first (see
     `plan_final`). When not one epoch of the best configuration fits, the next one whose epoch does
@@ -327,7 +358,8 @@ def fit_final_to_budget(s: Settings, trials: Sequence[TrialRecord], candidate_id
     epochs = s.final_epochs or s.max_epochs
     for skip in range(len(times)):
         plan = plan_final(times[skip:], slots=slots, top_k=s.final_top_k, seeds=s.final_seeds, epochs=epochs,
-                          seconds=left, n_full=len(data.train), n_test=len(data.test), ttas=len(ttas))
+                          seconds=left, n_full=len(data.train), n_test=len(data.test), ttas=len(ttas),
+                          distill=s.distill)
         if plan is not None:
             break
     else:
@@ -340,19 +372,21 @@ def fit_final_to_budget(s: Settings, trials: Sequence[TrialRecord], candidate_id
         print(f"final stage within the time budget: one epoch of the best {skip} configuration(s) (about "
               f"{times[0]:.0f} s) does not fit the {left:.0f} s left; training from the search's number "
               f"{skip + 1} on (about {times[skip]:.0f} s per epoch)", flush=True)
-    print(f"final stage within the time budget: {left:.0f} s left, so {plan_text(plan.top_k, plan.seeds, plan.epochs)} "
-          f"({slots} at once; estimated {plan.seconds:.0f} s; wanted {s.final_top_k} x {s.final_seeds} x {epochs})",
-          flush=True)
+    student = f", then the distilled student for {plan.student_epochs} epochs" if plan.student_epochs else ""
+    print(f"final stage within the time budget: {left:.0f} s left, so {plan_text(plan.top_k, plan.seeds, plan.epochs)}"
+          f"{student} ({slots} at once; estimated {plan.seconds:.0f} s; wanted {s.final_top_k} x {s.final_seeds} x "
+          f"{epochs})", flush=True)
     if split:
         split.final_reserved, split.plan = left, {"top_k": plan.top_k, "seeds": plan.seeds, "epochs": plan.epochs,
+                                                  "student_epochs": plan.student_epochs,
                                                   "estimated_seconds": round(plan.seconds, 1), "passed_over": skip}
     s = dataclasses.replace(s, final_top_k=plan.top_k, final_seeds=plan.seeds, final_epochs=plan.epochs)
-    return s, clock.deadline - plan.eval_seconds, skip
+    return s, plan, clock.deadline - plan.eval_seconds - plan.student_seconds, skip
 
 
 def search_budget(s: Settings, clock: Clock, data: FERData, concurrent: int) -> SearchBudget:
     """What the search must leave for the final stage under --time-budget (all of it without a final stage)."""
-    return SearchBudget(clock=clock, share=s.final_share, final=s.final, slots=concurrent,
+    return SearchBudget(clock=clock, share=s.final_share, final=s.final, distill=s.distill, slots=concurrent,
                         top_k=s.final_top_k, seeds=s.final_seeds, epochs=s.final_epochs,
                         n_search=len(data.train), n_full=round(len(data.train) / s.train_fraction),
                         n_test=len(data.val), ttas=len(set(s.final_tta) | {"none"}))

@@ -106,6 +106,10 @@ class Settings:
     final_top_k: int = _flag(3, "retrain the best K configurations")
     final_epochs: int = _flag(0, "epochs per final run", default_text="--max-epochs")
     final_seeds: int = _flag(3, "seeds per configuration (--seed+1, --seed+2, ...: never the search's own)")
+    distill: bool = _flag(True, "when the final stage builds an ensemble, distil it into one network of the best "
+                                "run's configuration, exported as final/export/best_distilled.onnx; --no-distill "
+                                "skips it (under --time-budget its epochs are planned with the runs')",
+                          action=argparse.BooleanOptionalAction)
     beta: float = _flag(1.0, "beta of the F-beta score")
     final_tta: tuple[str, ...] = _flag(("none", "flip"), "test-time augmentations, each reported separately; "
                                        "'none' is always included (tencrop costs 10 forward passes per image)",
@@ -129,7 +133,7 @@ class Settings:
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Settings)}
 # The flags of the final stage: `search.run` has them, and `search.final` can override them.
-FINAL_FLAGS = ("final_top_k", "final_epochs", "final_seeds", "beta", "final_tta", "ema_fraction")
+FINAL_FLAGS = ("final_top_k", "final_epochs", "final_seeds", "distill", "beta", "final_tta", "ema_fraction")
 
 
 def _registry_type(kind: type, choices: Sequence[str] | None, what: str) -> Callable[[str], Any]:

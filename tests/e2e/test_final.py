@@ -84,7 +84,7 @@ def test_search_never_reads_private_test_but_final_does(experiment):
 
 OUTPUTS = ["metrics.csv", "per_class.csv", "confusion_matrix.csv", "confusion_matrix.png", "confused_pairs.csv",
            "misclassified.csv", "misclassified.png", "reliability.png", "kernels.png", "activations.png", "README.md",
-           "export/best_single.onnx", "export/best_ensemble.onnx"]
+           "export/best_single.onnx", "export/best_ensemble.onnx", "export/best_distilled.onnx"]
 
 
 @pytest.mark.slow
@@ -94,7 +94,9 @@ def test_final_writes_every_output(final_dir):
     for name in ("confusion_matrix.png", "misclassified.png", "kernels.png", "activations.png"):
         assert (final_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     weights = sorted(p.name for p in (final_dir / "models").glob("*.pt"))
-    assert len(weights) == 2 and [w.split("-")[-1] for w in weights] == [f"{s}.pt" for s in RUNS]
+    runs = [w for w in weights if not w.startswith("distilled-")]
+    assert len(runs) == 2 and [w.split("-")[-1] for w in runs] == [f"{s}.pt" for s in RUNS]
+    assert len(weights) == 3  # and the distilled student
     # the exported best single run classifies as its weights do, with its temperature
     single = load_classifier(final_dir / "export" / "best_single.onnx")
     chosen = final_dir / "models" / f"{single.meta['model']}.pt"
@@ -102,6 +104,17 @@ def test_final_writes_every_output(final_dir):
     assert np.abs(single(crops) - load_classifier(chosen)(crops)).max() < 1e-4
     assert single.meta["temperature"] == pytest.approx(torch.load(chosen, weights_only=True)["temperature"])
     assert len(load_classifier(final_dir / "export" / "best_ensemble.onnx").meta["members"]) in (1, 2)
+    # the distilled student: one network, exported as its weights classify, started from the best run and
+    # taught by both runs (one configuration: ensemble_all)
+    student = load_classifier(final_dir / "export" / "best_distilled.onnx")
+    student_pt = final_dir / "models" / f"{student.meta['model']}.pt"
+    assert student.meta["model"].startswith("distilled-top1-") and len(student.meta["members"]) == 1
+    assert np.abs(student(crops) - load_classifier(student_pt)(crops)).max() < 1e-4
+    info = json.loads(student_pt.with_suffix(".json").read_text())
+    assert info["started_from"] == single.meta["model"] and sorted(info["distilled_from"]) == sorted(
+        w[:-3] for w in runs)
+    assert info["config"]["soft_labels"] and info["config"]["schedule"] == "cosine"
+    assert len(info["history"]) == 2  # a quarter of the runs' one epoch, at least two
     for w in weights:
         assert (final_dir / "models" / w).with_suffix(".json").is_file()
         events = list((final_dir / "tensorboard" / w[:-3]).glob("events.out.tfevents.*"))
@@ -116,6 +129,7 @@ def test_metrics_csv_rows_and_numbers(final_dir):
     for tta in ttas:
         assert counts["run", tta] == 2 and counts["mean", tta] == 1 and counts["std", tta] == 1
         assert counts["ensemble_all", tta] == 1 and counts["ensemble_best", tta] == 1
+        assert counts["distilled", tta] == 1
     rates = ["accuracy", "precision_macro", "recall_macro", "fbeta_macro", "precision_weighted", "recall_weighted",
              "fbeta_weighted", "top2_accuracy", "top3_accuracy", "accuracy_dedup", "val_acc"]
     scored = df[df["kind"] != "std"]
@@ -164,17 +178,18 @@ def experiment_dir(final_dir):
 def test_per_class_and_confusion_tables_add_up(final_dir):
     per_class = read_table(final_dir / "per_class.csv")
     assert (per_class.groupby(["model", "tta"])["support"].sum() == SIZES["PrivateTest"]).all()
-    assert len(per_class.groupby(["model", "tta"])) == 4 * 3  # 2 runs + 2 ensembles, 3 TTA modes
+    assert len(per_class.groupby(["model", "tta"])) == 5 * 3  # 2 runs + 2 ensembles + the student, 3 TTA modes
     cm = read_table(final_dir / "confusion_matrix.csv")
     classes = list(EMOTIONS)
     model = cm["model"].iloc[0]
     assert (cm["model"] == model).all() and model in (final_dir / "README.md").read_text()
-    # The analysed model is the best by PublicTest without TTA, single runs before ensembles on a tie.
+    # The analysed model is the best by PublicTest without TTA, single runs before ensembles (and the student)
+    # on a tie.
     metrics = read_table(final_dir / "metrics.csv")
     metrics["model"] = np.where(metrics["kind"] == "run",
                                 metrics["config"] + "-seed" + metrics["seed"].astype("Int64").astype(str),
                                 metrics["kind"])
-    scored = metrics[metrics["kind"].isin(["run", "ensemble_all", "ensemble_best"])]
+    scored = metrics[metrics["kind"].isin(["run", "ensemble_all", "ensemble_best", "distilled"])]
     plain = scored[scored["tta"] == "none"]
     assert model == plain.loc[plain["val_acc"].idxmax(), "model"]
     for tta, block in cm.groupby("tta"):
@@ -207,7 +222,7 @@ def test_saved_weights_load_with_weights_only(final_dir):
 
 @pytest.mark.slow
 def test_evaluate_cli_prints_the_same_numbers(final_dir, experiment):
-    path = sorted((final_dir / "models").glob("*.pt"))[0]
+    path = sorted((final_dir / "models").glob("top*.pt"))[0]
     r = run_command("search.evaluate", "--model", str(path), "--data", str(experiment["root"] / "good.csv"),
                 "--tta", "none", "flip")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -198,6 +198,44 @@ def test_onnx_runtime_matches_pytorch_on_256_faces(arch, crops, tmp_path):
     assert reference.max(1).mean() > 1 / 7 + 0.02  # not a flat output that would match anything
 
 
+@pytest.fixture(scope="module")
+def trained_weights(tmp_path_factory):
+    """A ConvNet trained on the demo faces (about 10 s): an untrained network puts most faces in one class, so
+    only trained weights show whether 8 bits keep what the network learned."""
+    from trainables.runner import build_run, run_epoch
+
+    torch.manual_seed(0)
+    data = make_demo(splits=("Training", "PublicTest"))
+    config = {"width": 16, "depth": 2, "dropout": 0.0, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 1e-4,
+              "schedule": "onecycle", "batch_size": 64, "augment": "flip_crop"}
+    run = build_run(config, data, epochs=6, seed=0)
+    for _ in range(6):
+        metrics = run_epoch(run)
+    assert metrics["val_acc"] > 0.6, metrics  # trained, far above chance (1/7)
+    return save_weights(tmp_path_factory.mktemp("trained") / "run.pt", run.model.state_dict(), config=config,
+                        classes=EMOTIONS, info={"temperature": 1.0, "name": "run"})
+
+
+@pytest.mark.slow
+def test_int8_export_keeps_a_trained_models_accuracy(trained_weights, tmp_path, capsys):
+    """8 bits on trained weights, on the PublicTest crops --int8 calibrates on: accuracy within 1 point of float,
+    the same top emotion for at least 95% of faces, and no emotion taking more than its float share + 3 points
+    (a collapse to one class passes an agreement test on a model that already predicts that class)."""
+    out = tmp_path / "trained.int8.onnx"
+    assert export_main(["--model", str(trained_weights), "--format", "onnx", "--int8", "--data", "demo",
+                        "--out", str(out)]) == 0
+    assert "in 8 bits" in capsys.readouterr().out
+    public = make_demo(splits=("PublicTest",)).splits["PublicTest"]
+    x, y = public.x.numpy(), public.y.numpy()
+    small, exact = load_classifier(out)(x), load_classifier(trained_weights)(x)
+    acc_float, acc_int8 = (exact.argmax(1) == y).mean(), (small.argmax(1) == y).mean()
+    assert acc_float > 0.6 and abs(acc_int8 - acc_float) <= 0.01, (acc_float, acc_int8)
+    assert (small.argmax(1) == exact.argmax(1)).mean() >= 0.95
+    shares = [np.bincount(p.argmax(1), minlength=7) / len(p) for p in (exact, small)]
+    assert (shares[1] <= shares[0] + 0.03).all(), shares
+    assert shares[0].max() < 0.5  # the float model itself spreads its answers over the emotions
+
+
 def test_int8_export_agrees_with_the_float_model(crops, weights, tmp_path, capsys):
     out = tmp_path / "m.int8.onnx"
     assert export_main(["--model", str(weights), "--format", "onnx", "--int8", "--data", "demo",

@@ -302,3 +302,28 @@ def test_truncated_runs_are_marked_and_left_out_of_the_ensembles_and_the_means()
     assert mean_a["n_runs"] == 1 and mean_a["val_acc"] == _row(rows, "run", "none", seed=2)["val_acc"]
     every = [dataclasses.replace(r, truncated=True) for r in RUNS]
     assert [r.name for r in ensemble_members(every)["ensemble_all"]] == [r.name for r in RUNS]
+
+
+# --------------------------------------------------------------------------- the distilled student
+
+def test_the_student_is_scored_alone_and_joins_no_ensemble_and_no_mean():
+    student = FinalRun(candidate=Candidate(rank=1, trial_id="a", config=TrialConfig(lr=0.001), search_val_acc=0.625,
+                                           prefix="distilled-"),
+                       seed=2, weights=Path("/nowhere/distilled-top1-a-seed2.pt"), best_epoch=2, val_acc=1.0,
+                       val_probs={"none": FLIP_VAL, "flip": FLIP_VAL})
+    probs = {**PROBS, (student.name, "none"): FLIP_TEST, (student.name, "flip"): FLIP_TEST}
+    rows, full = score_models(RUNS, probs, DATA, ttas=TTAS, beta=1.0, student=student)
+    plain, _ = score_models(RUNS, PROBS, DATA, ttas=TTAS, beta=1.0)
+    row = _row(rows, "distilled", "none")
+    assert (row["config"], row["seed"], row["n_runs"], row["lr"]) == ("distilled-top1-a-seed2", 2, 1, 0.001)
+    assert row["accuracy"] == 1.0 and row["val_acc"] == 1.0
+    assert full["distilled", "none"]["accuracy"] == 1.0
+    # everything else is as without it
+    for kind in ("ensemble_all", "ensemble_best", "run"):
+        assert [r["accuracy"] for r in rows if r["kind"] == kind] == [r["accuracy"] for r in plain if r["kind"] == kind]
+    table = metrics_table(rows, TTAS)
+    assert list(table["kind"].iloc[-2:]) == ["distilled", "distilled"]  # last, after the ensembles
+    assert len(table[table["kind"] == "mean"]) == len(metrics_table(plain, TTAS).query("kind == 'mean'"))
+    # the best PublicTest accuracy: the error analysis describes the student
+    assert choose_analysed(full, RUNS, student) == "distilled"
+    assert choose_analysed(full, RUNS) != "distilled"

@@ -16,6 +16,7 @@ from search.tuning.budget import (
     full_epoch_seconds,
     plan_final,
     plan_seconds,
+    student_seconds,
 )
 from search.tuning.records import TrialRecord
 from search.tuning.settings import Settings
@@ -53,6 +54,26 @@ def test_plan_final_prefers_epochs_then_fills_the_parallel_slots():
     assert plan.top_k * plan.seeds == 2 and 1 <= plan.epochs < 10 and plan.seconds <= 200.0
     # Not one epoch fits.
     assert plan_final([300.0], slots=2, top_k=3, seeds=3, epochs=10, seconds=100.0, **SIZES) is None
+
+
+def test_distill_plans_the_student_after_the_runs():
+    # Plenty of time: the runs as asked, then the student for a quarter of their epochs (at least 2).
+    plan = plan_final([30.0, 30.0], slots=2, top_k=2, seeds=1, epochs=20, seconds=1e6, distill=True, **SIZES)
+    assert (plan.top_k, plan.seeds, plan.epochs, plan.student_epochs) == (2, 1, 20, 5)
+    assert plan.student_seconds == pytest.approx(student_seconds(2, 20, 30.0, 30.0))
+    assert plan.seconds == pytest.approx(plan.training_seconds + plan.student_seconds + plan.eval_seconds)
+    # The runs' pass over Training (each member) plus the student's epochs, at the best configuration's speed.
+    assert student_seconds(2, 20, 30.0, 40.0) == pytest.approx(2 * 1.4 * 40.0 + 5 * 30.0 + 5.0)
+    assert student_seconds(1, 20, 30.0, 30.0) == 0.0  # one run: no ensemble, no student
+    # A tight budget: the student's time comes out of the runs' epochs, and the whole plan still fits.
+    plain = plan_final([30.0, 30.0], slots=2, top_k=2, seeds=1, epochs=20, seconds=800.0, **SIZES)
+    taught = plan_final([30.0, 30.0], slots=2, top_k=2, seeds=1, epochs=20, seconds=800.0, distill=True, **SIZES)
+    assert taught.epochs < plain.epochs and taught.student_epochs >= 2 and taught.seconds <= 800.0
+    assert (plain.top_k, taught.top_k) == (2, 2)
+    assert plain.student_epochs == 0 and plain.student_seconds == 0.0
+    # One run fits only: no student is planned.
+    one = plan_final([30.0], slots=1, top_k=1, seeds=1, epochs=20, seconds=1e6, distill=True, **SIZES)
+    assert one.student_epochs == 0 and one.student_seconds == 0.0
 
 
 def test_the_search_leaves_what_the_final_stage_needs_capped_at_its_share():
@@ -117,7 +138,7 @@ def test_when_the_best_configuration_does_not_fit_a_cheaper_one_is_trained(tmp_p
     # The best trial's epoch takes 500 s; the next two 2 s. 100 s are left.
     trials = [_trial("a", 0.6, 500.0), _trial("b", 0.5, 2.0), _trial("c", 0.4, 2.0)]
     clock = Clock(total=100.0)
-    fitted, deadline, skip = fit_final_to_budget(s, trials, ["a", "b", "c"], clock, data, ["none"], None)
+    fitted, _, deadline, skip = fit_final_to_budget(s, trials, ["a", "b", "c"], clock, data, ["none"], None)
     assert skip == 1 and fitted.final_epochs >= 1 and deadline <= clock.deadline
     assert "does not fit" in capsys.readouterr().out
     # None fits: one line, naming the fastest.

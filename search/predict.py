@@ -7,11 +7,12 @@ inside folders), then per picture or every N-th video frame find the faces
 one batch with calibrated probabilities. Writes `predictions.csv` (one row per face) and an
 annotated copy of each input (boxes and labels) under `--out`.
 
-A 48x48 picture is already a face crop and is classified whole, as is every picture with
+Pictures are read with their EXIF orientation applied (a phone portrait stored sideways is
+searched upright). A 48x48 picture is already a face crop and is classified whole, as is every picture with
 `--no-detect`. An input that cannot be read, a video that ends before its frame count, or a
 picture with no face is one line on stderr, and the rest goes on; the exit status says what
 happened: 0 every input gave predictions, 1 some picture had no face, 2 some input could not
-be read in full (or a flag or the model was wrong).
+be read in full (or a flag or the model was wrong), 2 also when both happened.
 """
 from __future__ import annotations
 
@@ -150,13 +151,16 @@ def _unique(copy: Path, taken: set[Path]) -> Path:
 def predict_picture(p: Predictor, item: Input, out_dir: Path, result: Outcome, *, no_detect: bool) -> None:
     """Classify the faces of one picture (or the whole picture), write its annotated copy."""
     file, name = item.file, item.name
-    bgr = cv2.imread(str(file), cv2.IMREAD_UNCHANGED)
+    # Not IMREAD_UNCHANGED, which ignores the EXIF orientation: a phone stores a portrait sideways with a tag
+    # saying so, and the detectors look for upright faces. ANYDEPTH | ANYCOLOR applies the tag and keeps
+    # 16 bits (stretched below) and gray.
+    bgr = cv2.imread(str(file), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
     if bgr is None or bgr.size == 0:
         result.fail(name, "not an image OpenCV can read (jpg, png, webp, bmp, tiff)")
         return
     if bgr.dtype != np.uint8:  # 16-bit PNG/TIFF
         bgr = cv2.convertScaleAbs(bgr, alpha=255.0 / max(int(bgr.max()), 1))
-    if bgr.ndim == 2 or bgr.shape[2] != 3:  # gray or with alpha: the detectors and the drawing take BGR
+    if bgr.ndim == 2 or bgr.shape[2] != 3:  # gray (or with alpha): the detectors and the drawing take BGR
         bgr = cv2.cvtColor(bgr, cv2.COLOR_GRAY2BGR if bgr.ndim == 2 else cv2.COLOR_BGRA2BGR)
     result.pictures += 1
     boxes, crops = p.faces(bgr, whole=no_detect or bgr.shape[:2] == (SIZE, SIZE))

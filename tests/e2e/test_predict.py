@@ -13,7 +13,7 @@ import torch
 import search.export_model
 import search.predict
 from search.serving.deploy import CROP_MARGIN, Classifier, load_classifier
-from tests.helpers import TEMPERATURE, as_command, predictor_weights
+from tests.helpers import TEMPERATURE, as_command, predictor_weights, well_formed
 from trainables.data import make_demo
 from trainables.data.splits import EMOTIONS
 from trainables.models import build_model
@@ -148,6 +148,42 @@ def test_picture_without_a_face_exits_1(weights, tmp_path, capsys):
     assert predict_main(["--model", str(weights), str(blank), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"warning: {blank}: no face found"]
+
+
+def test_exit_status_precedence_and_complete_predictions(crops, weights, tmp_path, capsys):
+    """An unreadable input outranks a faceless picture (2, not 1); either way every face found is written."""
+    blank, good, broken = tmp_path / "wall.png", tmp_path / "face.png", tmp_path / "broken.jpg"
+    cv2.imwrite(str(blank), np.full((300, 400, 3), 200, np.uint8))
+    cv2.imwrite(str(good), crops[0])
+    broken.write_bytes(b"\xff\xd8 not a jpeg")
+    inputs = [str(blank), str(broken), str(good)]
+    assert predict_main(["--model", str(weights), *inputs, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: {blank}: no face found", err[1]] and err[1].startswith(f"error: {broken}: ")
+    assert pd.read_csv(tmp_path / "a" / "predictions.csv")["file"].tolist() == [str(good)]
+    # exit 1 (a faceless picture) with every other face written
+    assert predict_main(["--model", str(weights), str(good), str(blank), str(good), "--out", str(tmp_path / "b")]) == 1
+    assert pd.read_csv(tmp_path / "b" / "predictions.csv")["file"].tolist() == [str(good), str(good)]
+
+
+def test_ctrl_c_keeps_the_predictions_made_so_far(crops, weights, tmp_path, monkeypatch, capsys):
+    faces = []
+    for i in range(4):
+        faces.append(tmp_path / f"face{i}.png")
+        cv2.imwrite(str(faces[-1]), crops[i])
+    real = search.predict.predict_picture
+
+    def interrupted(p, item, *args, **kwargs):
+        if item.file == faces[2]:
+            raise KeyboardInterrupt
+        return real(p, item, *args, **kwargs)
+
+    monkeypatch.setattr(search.predict, "predict_picture", interrupted)
+    assert predict_main(["--model", str(weights), *map(str, faces), "--out", str(tmp_path / "o")]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    df = pd.read_csv(tmp_path / "o" / "predictions.csv")
+    assert df["file"].tolist() == [str(faces[0]), str(faces[1])]
+    well_formed(df)
 
 
 @pytest.mark.parametrize("kind", ["not weights", "random bytes onnx", "missing model", "bad flag", "bad detector"])

@@ -124,3 +124,82 @@ def test_video_every_other_frame(found, weights, tmp_path):
     while cap.read()[0]:
         frames += 1
     assert frames == 4
+
+
+# --------------------------------------------------------------------------- pictures as phones and cameras leave them
+
+def _faces_found(weights, path, out, *extra) -> tuple[int, pd.DataFrame]:
+    status = predict_main(["--model", str(weights), str(path), "--out", str(out), "--no-annotate", *extra])
+    return status, pd.read_csv(out / "predictions.csv")
+
+
+def test_a_portrait_stored_sideways_is_read_upright(photo, weights, tmp_path):
+    """A phone stores a portrait as the sensor saw it, sideways, with an EXIF orientation tag (6: turn it 90
+    degrees clockwise to show it); read upright, its faces are found where they are in the upright picture."""
+    from PIL import Image
+
+    path, places = photo
+    upright = cv2.imread(str(path))
+    sideways = cv2.rotate(upright, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    tagged, untagged = tmp_path / "portrait.jpg", tmp_path / "untagged.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(sideways[..., ::-1]).save(tagged, quality=95, exif=exif)
+    Image.fromarray(sideways[..., ::-1]).save(untagged, quality=95)
+    status, df = _faces_found(weights, tagged, tmp_path / "o")
+    assert status == 0 and len(df) == len(places)
+    for x, y, side in places:  # in the upright picture's pixels
+        assert max(_iou((x, y, side, side), box) for box in df[["x", "y", "width", "height"]].to_numpy()) > 0.6
+    # the same pixels without the tag: the upright-face detector misses the faces on their side
+    status, df = _faces_found(weights, untagged, tmp_path / "u")
+    assert len(df) < len(places) - 2
+
+
+def test_a_large_picture_is_searched_at_1280_px_and_boxed_in_its_own_pixels(photo, weights, tmp_path):
+    path, places = photo
+    big = cv2.resize(cv2.imread(str(path)), None, fx=2.5, fy=2.5, interpolation=cv2.INTER_CUBIC)  # 2250 x 1500
+    large = tmp_path / "large.png"
+    cv2.imwrite(str(large), big)
+    status, df = _faces_found(weights, large, tmp_path / "o")
+    assert status == 0 and len(df) == len(places)
+    for x, y, side in places:
+        scaled = (2.5 * x, 2.5 * y, 2.5 * side, 2.5 * side)
+        assert max(_iou(scaled, box) for box in df[["x", "y", "width", "height"]].to_numpy()) > 0.6
+
+
+def test_min_face_leaves_out_smaller_faces(photo, weights, tmp_path, capsys):
+    path, places = photo
+    status, df = _faces_found(weights, path, tmp_path / "a", "--min-face", "100")
+    assert status == 0 and len(df) == len(places)
+    # the pasted faces are 150-190 px: the cascade's boxes run up to a third larger than the face, so at
+    # --min-face 260 it can still box the largest; at 300 nothing that size is looked for, and the picture has no face
+    status, df = _faces_found(weights, path, tmp_path / "c", "--min-face", "260")
+    assert len(df) < len(places) and (df["width"] >= 260).all()
+    status, df = _faces_found(weights, path, tmp_path / "b", "--min-face", "300")
+    assert status == 1 and len(df) == 0 and f"warning: {path}: no face found" in capsys.readouterr().err
+
+
+def test_a_folder_of_mixed_inputs(photo, found, weights, tmp_path):
+    """A folder holding a photo, a face crop, a video and a text file, with a subfolder: every picture and video
+    is read (the text file is not an input), each annotated copy under the folder's name."""
+    path, places = photo
+    folder = tmp_path / "album"
+    (folder / "trip").mkdir(parents=True)
+    cv2.imwrite(str(folder / "group.jpg"), cv2.imread(str(path)))
+    cv2.imwrite(str(folder / "trip" / "crop.png"), found[0])
+    (folder / "notes.txt").write_text("not a picture")
+    writer = cv2.VideoWriter(str(folder / "trip" / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (640, 320))
+    for _ in range(3):
+        frame = np.full((320, 640, 3), 100, np.uint8)
+        frame[60:60 + FACE_SIDE, 20:20 + FACE_SIDE] = _big(found[5])  # as test_video_every_other_frame's first
+        writer.write(frame)
+    writer.release()
+    out = tmp_path / "o"
+    assert predict_main(["--model", str(weights), str(folder), "--out", str(out)]) == 0
+    df = pd.read_csv(out / "predictions.csv")
+    per_file = df.groupby("file").size().to_dict()
+    assert per_file == {str(folder / "group.jpg"): len(places), str(folder / "trip" / "clip.avi"): 3,
+                        str(folder / "trip" / "crop.png"): 1}
+    well_formed(df)
+    for copy in ("group.jpg", "trip/crop.png", "trip/clip.avi.mp4"):
+        assert (out / "annotated" / "album" / copy).is_file(), copy

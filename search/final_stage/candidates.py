@@ -18,7 +18,7 @@ from search.tuning.records import TrialRecord
 from trainables.config import TrialConfig
 
 # Statuses whose val_acc does not describe a working configuration.
-SKIPPED_STATUSES = ("ERROR", "DIVERGED")
+SKIPPED_STATUSES = ("ERROR", "DIVERGED", "OVER_LATENCY")
 # Two configurations with the same choices whose every number is within this factor of the other's
 # are near copies (a rate of 3e-3 and one of 2e-3; a warm-up of 0.3 and 0.45 of the run).
 NEAR_FACTOR = 2.0

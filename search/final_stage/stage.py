@@ -65,7 +65,8 @@ def run_final(settings: Settings, trials: Sequence[TrialRecord], *, clock: Clock
     candidates = select_candidates(trials, len(trials) if clock else s.final_top_k)
     if not candidates:
         raise UserError(f"no trial of {s.experiment_dir} has a PublicTest accuracy (errored and diverged trials "
-                        f"do not count); finish at least one epoch of the search (--resume) first")
+                        f"do not count, nor trials over --max-latency-ms, which are not trained); finish at least "
+                        f"one epoch of the search (--resume) first")
     start = time.perf_counter()
     data = load_final_data(s)  # before any training: a bad PrivateTest fails now, not after hours
     ttas = [ANALYSIS_TTA, *dict.fromkeys(t for t in s.final_tta if t != ANALYSIS_TTA)]  # the analysis needs "none"

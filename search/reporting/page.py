@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
+from search.final_stage.retrain import run_name
 from search.reporting import search_figures as sp
 from search.reporting.model_figures import MODEL_FIGURES, ModelView, analysed_model, load_public_test
 from search.tuning.settings import Settings, read_settings
@@ -121,6 +122,7 @@ def search_section(exp: Path, s: Settings, trials: pd.DataFrame, figures: Path) 
         history = pd.DataFrame(columns=["trial_id", *sp.HISTORY_KEYS])
     _draw(sec, figures, "anytime.png", lambda p: sp.plot_anytime(history, p))
     _draw(sec, figures, "learning_curves.png", lambda p: sp.plot_learning_curves(history, trials, p))
+    _draw(sec, figures, "pareto.png", lambda p: sp.plot_pareto(trials, exported_trials(exp), p, s.max_latency_ms))
     source = (f"the study in {STUDY_FILE} (optuna-dashboard sqlite:///{exp / STUDY_FILE} shows it live)"
               if (exp / STUDY_FILE).is_file() else "a study rebuilt from trials.csv (this experiment has no "
                                                    f"{STUDY_FILE})")
@@ -147,6 +149,29 @@ def search_section(exp: Path, s: Settings, trials: pd.DataFrame, figures: Path) 
     _draw(sec, figures, "objective_vs_top_params.png", lambda p: sp.plot_top_params(study, ranked, p))
     _draw(sec, figures, "parallel_coordinates.png", lambda p: sp.plot_parallel(study, ranked, p))
     return sec
+
+
+def exported_trials(exp: Path) -> dict[str, str]:
+    """The trials whose configurations the final stage exported (trial id -> which files), from metrics.csv:
+    best_single (the run with the best PublicTest accuracy), best_ensemble's members, best_distilled."""
+    metrics = exp / "final" / "metrics.csv"
+    if not metrics.is_file():
+        return {}
+    m = pd.read_csv(metrics, dtype={"trial_id": str})
+    m = m[m["tta"] == "none"]
+    runs = m[m["kind"] == "run"]
+    labels: dict[str, list[str]] = {}
+    if len(runs):
+        labels.setdefault(str(_chosen(runs)["trial_id"]), []).append("best_single")
+        by_name = {run_name(c, int(k)): str(t) for c, k, t in zip(runs["config"], runs["seed"], runs["trial_id"])}
+        ens = m[m["kind"].str.startswith("ensemble")]
+        if len(ens):
+            for member in str(_chosen(ens)["config"]).split("+"):
+                if member in by_name and "best_ensemble" not in labels.get(by_name[member], []):
+                    labels.setdefault(by_name[member], []).append("best_ensemble")
+    for t in m[m["kind"] == "distilled"]["trial_id"]:
+        labels.setdefault(str(t), []).append("best_distilled")
+    return {t: ", ".join(names) for t, names in labels.items()}
 
 
 def final_section(exp: Path, figures: Path) -> Section:

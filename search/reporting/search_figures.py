@@ -255,3 +255,61 @@ def plot_parallel(study, ranked: dict[str, float], path: Path) -> str:
     _optuna_figure(lambda: plot_parallel_coordinate(study, params=params), path, size=(2.0 + 1.6 * len(params), 4.5))
     return (f"Each finished trial as a line through its values of the {len(params)} most important "
             f"hyperparameters, coloured by its objective.")
+
+
+# --------------------------------------------------------------------------- accuracy against cost
+
+def pareto_mask(cost: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
+    """Which points are on the Pareto front: no other point is at most as costly and strictly more accurate,
+    or strictly cheaper and at least as accurate."""
+    cost, accuracy = np.asarray(cost, float), np.asarray(accuracy, float)
+    keep = np.ones(len(cost), bool)
+    for i in range(len(cost)):
+        better = (cost <= cost[i]) & (accuracy >= accuracy[i]) & ((cost < cost[i]) | (accuracy > accuracy[i]))
+        keep[i] = not better.any()
+    return keep
+
+
+def plot_pareto(trials: pd.DataFrame, exported: dict[str, str], path: Path, limit: float = 0.0) -> str:
+    """PublicTest accuracy of every trained trial against its latency for one face and its parameters, the
+    Pareto front of each drawn, the trials of the exported models (`exported`: trial id -> label) marked,
+    and --max-latency-ms (`limit`) as a line."""
+    if "latency_ms" not in trials:
+        raise NoData("trials.csv has no latency_ms (an experiment from before trials measured it)")
+    t = trials.assign(latency_ms=pd.to_numeric(trials["latency_ms"], errors="coerce"),
+                      params=pd.to_numeric(trials["params"], errors="coerce"),
+                      val_acc=pd.to_numeric(trials["val_acc"], errors="coerce"))
+    done = t.dropna(subset=["latency_ms", "val_acc"])
+    if done.empty:
+        raise NoData("no trial has both a latency and a PublicTest accuracy yet")
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    fronts = {}
+    for ax, column, label in ((axes[0], "latency_ms", "latency for one face (ms, batch 1, one CPU thread)"),
+                              (axes[1], "params", "parameters (millions)")):
+        d = done.dropna(subset=[column])
+        scale = 1e-6 if column == "params" else 1.0
+        x, y = d[column].to_numpy() * scale, d["val_acc"].to_numpy()
+        ax.scatter(x, y, s=14, color="0.65", label="trial")
+        front = pareto_mask(x, y)
+        order = np.argsort(x[front])
+        ax.step(x[front][order], y[front][order], where="post", color="C0", linewidth=1.5, label="Pareto front")
+        fronts[column] = int(front.sum())
+        for k, (trial_id, name) in enumerate(exported.items()):
+            row = d[d["trial_id"].astype(str) == str(trial_id)]
+            if len(row):
+                ax.scatter(row[column] * scale, row["val_acc"], s=90, marker="*", color=f"C{k + 1}", zorder=3,
+                           label=name)
+        if column == "latency_ms" and limit:
+            ax.axvline(limit, color="C3", linestyle="--", linewidth=1, label=f"--max-latency-ms {limit:g}")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("PublicTest accuracy (trial)")
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle("accuracy against cost, every trained trial", fontsize=10)
+    save_figure(fig, path)
+    over = int((t["status"] == "OVER_LATENCY").sum()) if "status" in t else 0
+    return (f"{len(done)} trials: PublicTest accuracy of each (its trial, not its final retraining) against its "
+            f"latency for one face and its parameters; {fronts['latency_ms']} trials on the latency front, "
+            f"{fronts.get('params', 0)} on the parameters front; stars: the trials of the exported models"
+            + (f"; {over} trial(s) over --max-latency-ms {limit:g} were not trained" if limit else "") + ".")

@@ -138,7 +138,10 @@ class Measured:
 
     @classmethod
     def of_result(cls, result: dict) -> "Measured":
-        """From one result a trial reported to Tune (its objective, `time_this_iter_s`, `images_per_s`)."""
+        """From one result a trial reported to Tune (its objective, `time_this_iter_s`, `images_per_s`); a trial
+        not trained (over --max-latency-ms) measured nothing."""
+        if result.get("over_latency"):
+            return cls(math.nan, math.nan, math.nan)
         return cls(result.get(METRIC, math.nan), result.get("time_this_iter_s", math.nan),
                    result.get("images_per_s", math.nan))
 

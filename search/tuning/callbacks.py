@@ -6,6 +6,7 @@ import math
 import os
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,7 +22,7 @@ from trainables.files import write_csv
 from trainables.metrics import METRIC
 
 OUTCOMES = {"ERROR": "failed", "DIVERGED": "diverged", "COMPLETED": "completed", "STOPPED": "stopped",
-            "RUNNING": "running"}  # trials.csv's status -> the console's word
+            "RUNNING": "running", "OVER_LATENCY": "stopped"}  # trials.csv's status -> the console's word
 
 
 class TrialsCsvWriter(Callback):
@@ -121,6 +122,26 @@ class BudgetStopper(Stopper):
         return budget is not None and budget.search_over(list(self.measured.values()))
 
 
+LATENCY_ATTR = "latency_ms"  # an Optuna trial's user attribute: its model's latency for one face
+
+
+@dataclass(frozen=True)
+class LatencyConstraint:
+    """TPE's `constraints_func` for --max-latency-ms: a trial is feasible when its latency minus `limit` is <= 0
+    (a trial that never reported one, an error, counts as feasible: it says nothing about the limit). A class,
+    not a closure: Tune pickles the searcher, and its sampler, with every experiment snapshot."""
+
+    limit: float
+
+    def __call__(self, frozen_trial) -> list[float]:
+        return [float(frozen_trial.user_attrs.get(LATENCY_ATTR, self.limit)) - self.limit]
+
+
+def latency_constraint(limit: float) -> LatencyConstraint:
+    """The constraint of --max-latency-ms `limit` (see `LatencyConstraint`)."""
+    return LatencyConstraint(limit)
+
+
 class TrackedOptunaSearch(OptunaSearch):
     """Ray's OptunaSearch, with each Optuna trial labelled by its Tune trial id (`search.tuning.study.TRIAL_ATTR`),
     and `optuna.db` rewritten from the snapshot it is restored from (`search.tuning.study.MirroredStorage`).
@@ -145,6 +166,9 @@ class TrackedOptunaSearch(OptunaSearch):
         # Tune hands the result of a trial its scheduler stops to on_trial_complete only, never to
         # on_trial_result: report it too, so the study's learning curve of that trial is whole.
         ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and result and "latency_ms" in result and trial_id not in self._completed_trials:
+            # before the tell below: TPE reads the constraint (latency_constraint) when the trial completes
+            ot_trial.set_user_attr(LATENCY_ATTR, float(result["latency_ms"]))
         step = (result or {}).get("training_iteration")
         if (ot_trial is not None and step is not None and result.get(self.metric) is not None
                 and trial_id not in self._completed_trials):
@@ -230,7 +254,9 @@ class SearchConsole(Callback):
         epochs = int(last.get("training_iteration", 0) or 0)
         figure = f"PublicTest {100 * last['best_val_acc']:.1f}%" if "best_val_acc" in last else "no epoch reported"
         budget = self.budget()
-        if last.get("diverged"):
+        if last.get("over_latency"):
+            what, figure = "not trained", last.get("error", "over --max-latency-ms")
+        elif last.get("diverged"):
             what = f"diverged in epoch {epochs}"
             figure = f"{figure} before it"
         elif epochs >= self.max_epochs:

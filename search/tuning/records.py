@@ -47,10 +47,13 @@ def read_results(fs, trial_dir: str) -> list[dict]:
 
 
 def trial_status(ray_status: str, last: dict, epochs: int, max_epochs: int) -> str:
-    """trials.csv's status: ERROR, DIVERGED, COMPLETED (all `max_epochs` trained), STOPPED (ended early by
-    ASHA or the time budget), else Tune's own (RUNNING, PENDING, PAUSED)."""
+    """trials.csv's status: ERROR, OVER_LATENCY (slower than --max-latency-ms, not trained), DIVERGED,
+    COMPLETED (all `max_epochs` trained), STOPPED (ended early by ASHA or the time budget), else Tune's own
+    (RUNNING, PENDING, PAUSED)."""
     if ray_status == "ERROR":
         return "ERROR"
+    if last.get("over_latency"):
+        return "OVER_LATENCY"
     if last.get("diverged"):
         return "DIVERGED"
     if ray_status == "TERMINATED":
@@ -91,6 +94,9 @@ class TrialRecord:
     range_test_images: float = _reported(math.nan)   # images the LR range test trained on (0: skipped)
     range_test_seconds: float = _reported(math.nan)
     range_test_note: str = _reported("")             # why it was skipped, if it was
+    params: float = _reported(math.nan)              # the model's parameters (trainables.latency)
+    latency_ms: float = _reported(math.nan)          # one face, batch 1, one CPU thread
+    latency_runtime: str = _reported("")             # onnxruntime, or pytorch where the export failed
     error: str = ""
     config: dict = field(default_factory=dict)
 

@@ -84,6 +84,11 @@ class Settings:
                                      "--grace-epochs 1, --scheduler fifo; --final-epochs defaults to the "
                                      "--max-epochs given); with under an hour on a CPU it beats the search "
                                      "(docs/performance.md)", action="store_true")
+    max_latency_ms: float = _flag(0.0, "the most milliseconds one face may take (batch 1, one CPU thread, ONNX "
+                                       "Runtime; every trial measures it, trials.csv's latency_ms): a trial "
+                                       "over it is not trained, TPE learns the limit as a constraint, and so the "
+                                       "final stage and its distilled student respect it",
+                                  default_text="no limit")
     seed: int = _flag(0, "seed of the searcher, the data slices and the trials")
     address: str = _flag("", "address of a running Ray cluster", default_text="a local Ray instance")
     labels: str = _flag("fer2013", "fer2013: the original 7 labels; ferplus: FER+ votes, 8 classes",
@@ -201,6 +206,7 @@ def check_settings(s: Settings) -> None:
     if not 0.0 < s.train_fraction <= 1.0:
         raise UserError(f"--train-fraction must be in (0, 1], got {s.train_fraction}")
     for flag, value in {"--max-concurrent": s.max_concurrent, "--time-budget": s.time_budget,
+                        "--max-latency-ms": s.max_latency_ms,
                         "--max-failures": s.max_failures, "--final-epochs": s.final_epochs}.items():
         if value < 0:
             raise UserError(f"{flag} must not be negative, got {value}")

@@ -37,6 +37,11 @@ def test_trials_csv_has_one_row_per_trial(demo_experiment):
     assert df["val_acc"].between(0, 1).all() and df["epochs"].between(1, 3).all()
     assert (df["seconds"] > 0).all() and df["node_id"].str.len().gt(10).all()
     assert df["objective"].is_monotonic_decreasing  # best first
+    # what each model costs a user: measured once per trial, in ONNX Runtime
+    assert (df["params"] > 1000).all() and (df["latency_ms"] > 0).all()
+    assert (df["latency_runtime"] == "onnxruntime").all()
+    widths = df.groupby("config/width")["params"].first()
+    assert widths.is_monotonic_increasing  # a wider ConvNet (same depth) has more parameters
 
 
 @pytest.mark.slow
@@ -330,6 +335,20 @@ def test_ferplus_labels_through_the_cli(tmp_path):
     df = read_table(tmp_path / "r" / "fp" / "trials.csv")
     assert len(df) == 1 and df["status"].iloc[0] == "COMPLETED" and "config/soft_labels" in df.columns
     assert json.loads((tmp_path / "r" / "fp" / "settings.json").read_text())["labels"] == "ferplus"
+
+
+@pytest.mark.slow
+def test_max_latency_ms_trains_no_trial_over_it(tmp_path):
+    """A limit no model meets: every trial is measured and left untrained (OVER_LATENCY in trials.csv, the
+    console says why), and the final stage then has nothing to retrain (one line, exit 2)."""
+    r = run_command("search.run", "--space", "convnet", "--data", "demo", "--num-samples", "2", "--max-epochs", "2",
+                    "--grace-epochs", "1", "--max-latency-ms", "0.0001", "--final-top-k", "1", "--final-seeds", "1",
+                    "--results", str(tmp_path / "r"), "--name", "fast", "--no-report")
+    df = read_table(tmp_path / "r" / "fast" / "trials.csv")
+    assert len(df) == 2 and (df["status"] == "OVER_LATENCY").all() and (df["latency_ms"] > 0.0001).all()
+    assert df["val_acc"].isna().all() and (df["objective"] == 0).all()
+    assert r.stdout.count("not trained:") == 2 and "over --max-latency-ms 0.0001" in r.stdout
+    assert r.returncode == 2 and "no trial of" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_unreachable_address_is_one_line(tmp_path, capsys):

@@ -21,3 +21,12 @@ def test_the_headline_reports_the_models_chosen_on_public_test(tmp_path):
     assert "run chosen on PublicTest 65.0%" in line and "average 65.5%" in line
     assert "ensemble chosen on PublicTest 67.0%" in line
     assert "66.0%" not in line and "69.0%" not in line and "70.0%" not in line
+
+
+def test_pareto_front_by_hand():
+    from search.reporting.search_figures import pareto_mask
+
+    cost = [1.0, 2.0, 2.0, 3.0, 0.5, 4.0]
+    acc = [0.50, 0.60, 0.55, 0.60, 0.40, 0.70]
+    # (2, .55) is beaten by (2, .60); (3, .60) by (2, .60); the rest trade cost for accuracy
+    assert pareto_mask(cost, acc).tolist() == [True, True, False, False, True, True]

@@ -232,3 +232,33 @@ def test_optuna_db_is_rebuilt_from_the_snapshot_a_resume_restores(tmp_path):
     assert [t.state.name for t in load_study(tmp_path).trials] == ["RUNNING"]  # the old place is left alone
     (on_disk,) = load_study(moved).trials
     assert on_disk.value == 0.45 and on_disk.intermediate_values == {1: 0.3, 2: 0.35} and "lr" in on_disk.params
+
+
+def test_tpe_learns_the_latency_limit_as_a_constraint():
+    """A toy study where accuracy and latency both grow with x: unconstrained TPE climbs to x near 1; with
+    --max-latency-ms 0.4 (latency = x), its proposals after the start-up stay mostly under the limit."""
+    import optuna
+
+    from search.run import tpe_sampler
+    from search.tuning.callbacks import LATENCY_ATTR, latency_constraint
+
+    def proposals(limit: float) -> list[float]:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(direction="maximize", sampler=tpe_sampler(0, 8, limit))
+        xs = []
+        for _ in range(40):
+            trial = study.ask()
+            x = trial.suggest_float("x", 0.0, 1.0)
+            trial.set_user_attr(LATENCY_ATTR, x)  # as TrackedOptunaSearch does, before the tell
+            study.tell(trial, 0.0 if limit and x > limit else x)
+            xs.append(x)
+        return xs[8:]
+
+    free, limited = proposals(0.0), proposals(0.4)
+    under = [sum(x <= 0.4 for x in xs) for xs in (free, limited)]
+    assert sum(x > 0.4 for x in free) > 20  # unconstrained, TPE climbs past the limit
+    assert under[1] >= 0.6 * len(limited) and under[1] >= under[0] + 8  # constrained, it mostly stays under
+    assert latency_constraint(0.4)(optuna.trial.FrozenTrial(
+        number=0, state=optuna.trial.TrialState.COMPLETE, value=0.1, datetime_start=None, datetime_complete=None,
+        params={}, distributions={}, user_attrs={LATENCY_ATTR: 0.9}, system_attrs={}, intermediate_values={},
+        trial_id=0)) == [pytest.approx(0.5)]

@@ -19,7 +19,8 @@ from trainables.weights import load_weights
 
 report_main = as_command(search.report.main)
 
-SEARCH_FIGURES = {"anytime", "learning_curves", "importance", "objective_vs_top_params", "parallel_coordinates"}
+SEARCH_FIGURES = {"anytime", "learning_curves", "pareto", "importance", "objective_vs_top_params",
+                  "parallel_coordinates"}
 FINAL_FIGURES = {"confusion_matrix", "misclassified", "reliability", "kernels", "activations"}
 MODEL_FIGURES = {"gradcam_examples", "gradcam_mean", "embedding", "top_activating"}
 SECTIONS = ["search", "trials", "final", "gradcam", "features", "settings"]
@@ -90,7 +91,7 @@ def test_the_report_opens_in_a_real_browser(report_exp):
             browser.close()
     assert errors == []
     assert sections == SECTIONS
-    assert len(images) == 14 and all(width and width > 100 for _, width in images), images
+    assert len(images) == 15 and all(width and width > 100 for _, width in images), images
     assert "Where the model looks" in text and "fANOVA" in text
 
 

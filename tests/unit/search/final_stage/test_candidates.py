@@ -83,8 +83,8 @@ def test_every_status_but_error_and_diverged_counts_once_it_has_an_objective(sta
 
 
 @pytest.mark.parametrize("status", SKIPPED_STATUSES)
-def test_errored_and_diverged_trials_are_skipped_whatever_their_objective(status):
-    assert SKIPPED_STATUSES == ("ERROR", "DIVERGED")
+def test_errored_diverged_and_untrained_trials_are_skipped_whatever_their_objective(status):
+    assert SKIPPED_STATUSES == ("ERROR", "DIVERGED", "OVER_LATENCY")  # over --max-latency-ms: never trained
     trials = [_record("bad", status, 0.99, {}), _record("good", "COMPLETED", 0.2, {})]
     assert [c.trial_id for c in select_candidates(trials, 2)] == ["good"]
 

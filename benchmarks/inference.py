@@ -100,10 +100,10 @@ def exported_models(experiment: Path) -> list[tuple[str, Path, float, int]]:
         if not path.is_file():
             continue
         model = load_classifier(path).meta.get("model", "")
-        if model.startswith("ensemble") or model == "distilled":
-            row = plain[plain["kind"] == model]
-        elif label == "best_distilled":
+        if label == "best_distilled":
             row = plain[plain["kind"] == "distilled"]
+        elif model.startswith("ensemble"):
+            row = plain[plain["kind"] == model]
         else:
             row = plain[[k == "run" and run_name(c, int(s)) == model
                          for k, c, s in zip(plain["kind"], plain["config"], plain["seed"].fillna(-1))]]

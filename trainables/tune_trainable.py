@@ -23,7 +23,7 @@ from trainables.inference import evaluate
 from trainables.latency import measure_latency
 from trainables.memory import check_fits
 from trainables.metrics import METRIC
-from trainables.runner import build_run, run_epoch, run_state
+from trainables.runner import build_run, model_from_config, run_epoch, run_state
 from trainables.train import DivergedError
 
 CHECKPOINT_FILE = "run.pt"
@@ -92,17 +92,18 @@ def train_fer(config: dict, *, data: FERData, max_epochs: int, seed: int, thread
             state = torch.load(os.path.join(path, CHECKPOINT_FILE), weights_only=True)
         best, last = float(state["best_val_acc"]), dict(state["metrics"])
         start -= float(state["metrics"]["seconds"])
-    run = build_run(TrialConfig.from_dict(config), data, epochs=max_epochs, seed=seed, state=state,
-                    range_test_epochs=range_test_epochs)
+    cfg = TrialConfig.from_dict(config)
     node = ray.get_runtime_context().get_node_id()
-    # What the model costs a user (trials.csv's params, latency_ms, latency_runtime), measured once per trial.
-    cost = {k: last[k] for k in COST_KEYS if k in last} if len(set(COST_KEYS) & set(last)) == 3 else \
-        measure_latency(run.model, size=48)
+    # What the model costs a user (trials.csv's params, latency_ms, latency_runtime): measured once per trial, on
+    # the built model before anything is trained (an LR range test included), and kept in its checkpoint.
+    cost = ({k: last[k] for k in COST_KEYS} if all(k in last for k in COST_KEYS)
+            else measure_latency(model_from_config(cfg, data.num_classes, load_imagenet=False)))
     if max_latency_ms and cost["latency_ms"] > max_latency_ms:
         tune.report({METRIC: 0.0, "best_val_acc": 0.0, "over_latency": 1, "node_id": node, "diverged": 0,
                      "error": f"{cost['latency_ms']:.2f} ms per face, over --max-latency-ms {max_latency_ms:g}",
                      "seconds": time.perf_counter() - start, **cost})
         return
+    run = build_run(cfg, data, epochs=max_epochs, seed=seed, state=state, range_test_epochs=range_test_epochs)
     if run.epoch >= max_epochs:
         # The driver died after this trial's last epoch was saved but before Tune marked it
         # done: report that epoch again so the trial completes with its real result.

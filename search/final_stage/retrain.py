@@ -6,6 +6,7 @@ by the driver, after every task has finished.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,66 +220,81 @@ def retrain_all(s: Settings, data: FERData, candidates: Sequence[Candidate], *, 
     """
     import ray
 
-    started = not ray.is_initialized()  # search.run has already started (or joined) Ray
-    cluster = start_ray(s) if started else ray.cluster_resources()
-    pending: list = []
-    bars, box = RunBars(live=False if s.verbose else None), None
-    try:
-        resources, slots = trial_resources(s, cluster)
-        if cpus < 0:  # a run alone: every CPU the runs had at once, on one node (a GPU run keeps a trial's)
-            cpus = 0 if resources["gpu"] else alone_cpus(resources["cpu"] * slots)
-        limits = memory_limits(bool(resources["gpu"]))
-        task = ray.remote(retrain_task)
-        data_ref = ray.put(without_test(data))
-        # The runs' epochs and notes reach the driver through an actor that takes no CPU from the
-        # runs, so they are shown here whether or not the workers' output is.
-        box = ray.remote(num_cpus=0)(ProgressBox).remote()  # in a light module: the actor imports no torch
-        jobs = {}
-        seeds = list(seeds_of(s) if seeds is None else seeds)
-        for cand in candidates:
-            options = task_options(cand.config, resources, limits, data.num_classes)
-            if cpus:
-                options["num_cpus"] = cpus
-            for seed in seeds:
-                name = run_name(cand.name, seed)
-                board = (out / "tensorboard" / name).resolve()
-                ref = task.options(**options).remote(cand.config, data_ref, epochs=epochs, seed=seed,
-                                                     threads=cpus or s.cpus_per_trial, tensorboard_dir=str(board),
-                                                     label=name, ttas=list(ttas), deadline=deadline,
-                                                     progress=Sender(box), init_state=init_state)
-                jobs[ref] = (cand, seed, board)
-        if init_state is None:
-            bars.note(f"final stage: retraining {counted(len(candidates), 'configuration')} x "
-                      f"{counted(len(seeds), 'seed')} for {counted(epochs, 'epoch')} on {len(data.train)} "
-                      f"Training images ({resources['cpu']} CPU, {resources['gpu']} GPU each)")
-        runs, pending = [], list(jobs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=REFRESH_SECONDS)
-            _show_sent(box, bars)
-            if not done:
-                continue
-            cand, seed, board = jobs[done[0]]
-            result = _get(done[0])
-            _show_sent(box, bars)  # the run's last epochs, before its result line
-            run = save_run(result, cand, seed, s, data, out, board, say=bars.note, info=info)
-            if run:
-                runs.append(run)
-                bars.note(f"final run {run.name}: best PublicTest accuracy {run.val_acc:.4f} at epoch "
-                          f"{run.best_epoch} ({len(jobs) - len(pending)}/{len(jobs)} done)")
-    except BaseException:
-        for ref in pending:  # a failed run or Ctrl-C: do not leave the others training on a shared cluster
-            ray.cancel(ref, force=True)
-        raise
-    finally:
-        bars.close()
-        if box is not None:
-            ray.kill(box)
-        if started:
-            ray.shutdown()
-    return sorted(runs, key=lambda r: (r.candidate.rank, r.seed))
+    with ray_for(s):  # started (and shut down) here unless the caller already holds it
+        cluster = ray.cluster_resources()
+        pending: list = []
+        bars, box = RunBars(live=False if s.verbose else None), None
+        try:
+            resources, slots = trial_resources(s, cluster)
+            if cpus < 0:  # a run alone: every CPU the runs had at once, on one node (a GPU run keeps a trial's)
+                cpus = 0 if resources["gpu"] else alone_cpus(resources["cpu"] * slots)
+            limits = memory_limits(bool(resources["gpu"]))
+            task = ray.remote(retrain_task)
+            data_ref = ray.put(without_test(data))
+            # The runs' epochs and notes reach the driver through an actor that takes no CPU from the
+            # runs, so they are shown here whether or not the workers' output is.
+            box = ray.remote(num_cpus=0)(ProgressBox).remote()  # in a light module: the actor imports no torch
+            jobs = {}
+            seeds = list(seeds_of(s) if seeds is None else seeds)
+            for cand in candidates:
+                options = task_options(cand.config, resources, limits, data.num_classes)
+                if cpus:
+                    options["num_cpus"] = cpus
+                for seed in seeds:
+                    name = run_name(cand.name, seed)
+                    board = (out / "tensorboard" / name).resolve()
+                    ref = task.options(**options).remote(cand.config, data_ref, epochs=epochs, seed=seed,
+                                                         threads=cpus or s.cpus_per_trial, tensorboard_dir=str(board),
+                                                         label=name, ttas=list(ttas), deadline=deadline,
+                                                         progress=Sender(box), init_state=init_state)
+                    jobs[ref] = (cand, seed, board)
+            if init_state is None:
+                bars.note(f"final stage: retraining {counted(len(candidates), 'configuration')} x "
+                          f"{counted(len(seeds), 'seed')} for {counted(epochs, 'epoch')} on {len(data.train)} "
+                          f"Training images ({resources['cpu']} CPU, {resources['gpu']} GPU each)")
+            runs, pending = [], list(jobs)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1, timeout=REFRESH_SECONDS)
+                _show_sent(box, bars)
+                if not done:
+                    continue
+                cand, seed, board = jobs[done[0]]
+                result = _get(done[0])
+                _show_sent(box, bars)  # the run's last epochs, before its result line
+                run = save_run(result, cand, seed, s, data, out, board, say=bars.note, extra=info)
+                if run:
+                    runs.append(run)
+                    bars.note(f"final run {run.name}: best PublicTest accuracy {run.val_acc:.4f} at epoch "
+                              f"{run.best_epoch} ({len(jobs) - len(pending)}/{len(jobs)} done)")
+        except BaseException:
+            for ref in pending:  # a failed run or Ctrl-C: do not leave the others training on a shared cluster
+                ray.cancel(ref, force=True)
+            raise
+        finally:
+            bars.close()
+            if box is not None:
+                ray.kill(box)
+        return sorted(runs, key=lambda r: (r.candidate.rank, r.seed))
 
 
 REFRESH_SECONDS = 0.5  # how often the driver shows the runs' progress
+
+
+@contextlib.contextmanager
+def ray_for(s: Settings):
+    """Ray for the final stage's tasks: joined or started here when it is not running yet (search.run has already
+    started it), and shut down after only when started here, so a caller that holds it (the stage, for its runs
+    and then the student) starts it once."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        start_ray(s)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def alone_cpus(wanted: int) -> int:
@@ -327,8 +343,8 @@ def seeds_of(s: Settings) -> list[int]:
 
 
 def save_run(result: dict, cand: Candidate, seed: int, s: Settings, data: FERData, out: Path,
-             board: Path, say: Callable[[str], None] = print, info: dict | None = None) -> FinalRun | None:
-    """Write a finished task's best weights (+ config JSON, with `info` added) and make sure its TensorBoard
+             board: Path, say: Callable[[str], None] = print, extra: dict | None = None) -> FinalRun | None:
+    """Write a finished task's best weights (+ config JSON, with `extra` added) and make sure its TensorBoard
     scalars exist here; `say` shows why a run was left out."""
     name = run_name(cand.name, seed)
     if result["history"] and not any(board.glob("events.out.tfevents.*")):
@@ -345,7 +361,7 @@ def save_run(result: dict, cand: Candidate, seed: int, s: Settings, data: FERDat
             "trained_on": result["trained_on"], "planned_epochs": result["planned_epochs"],
             "truncated": result["stopped_early"],
             # fitted on PublicTest without TTA, as search.predict and the exported models classify
-            "temperature": fit_temperature(result["val_probs"]["none"], data.val.y.numpy()), **(info or {})}
+            "temperature": fit_temperature(result["val_probs"]["none"], data.val.y.numpy()), **(extra or {})}
     path = save_weights(out / "models" / name, result["state_dict"], config=cand.config, classes=data.classes,
                         info=info)
     return FinalRun(candidate=cand, seed=seed, weights=path, best_epoch=int(result["best_epoch"]),

@@ -86,6 +86,12 @@ def ensemble_members(runs: Sequence[FinalRun]) -> dict[str, list[FinalRun]]:
     return {"ensemble_all": list(runs), "ensemble_best": list(best.values())}
 
 
+def val_accuracy(members: Sequence[FinalRun], val_y: np.ndarray, tta: str = ANALYSIS_TTA) -> tuple[np.ndarray, float]:
+    """The PublicTest probabilities of `members` as one model (their softmax average) and its accuracy."""
+    val = ensemble_probs([m.val_probs[tta] for m in members])
+    return val, float((val.argmax(1) == val_y).mean())
+
+
 def score_models(runs: Sequence[FinalRun], probs: dict, data: FERData, *, ttas: Sequence[str],
                  beta: float, student: FinalRun | None = None) -> tuple[list[dict], dict[tuple[str, str], dict]]:
     """Score every run, ensemble and the `student` on PrivateTest per TTA mode: metric rows, and each model's full
@@ -107,12 +113,12 @@ def score_models(runs: Sequence[FinalRun], probs: dict, data: FERData, *, ttas: 
     rows, full = [], {}
     for tta in ttas:
         for name, ids, members in models:
-            val = ensemble_probs([m.val_probs[tta] for m in members])
+            val, acc = val_accuracy(members, val_y, tta)
             test = ensemble_probs([probs[m.name, tta] for m in members])
             m = score_split(test, data.test, beta=beta, class_names=data.classes, duplicates=dup)
             # temperature fitted on this model's PublicTest probabilities (same TTA), measured on PrivateTest
             cal = calibrate(val, val_y, test, test_y)
-            m.update(val_acc=float((val.argmax(1) == val_y).mean()), probs=test, **cal)
+            m.update(val_acc=acc, probs=test, **cal)
             full[name, tta] = m
             rows.append({**ids, "tta": tta, "val_acc": m["val_acc"], **{k: m[k] for k in SCALAR_METRICS},
                          **{k: m[k] for k in DEDUP_COLUMNS}, **{k: m[k] for k in CALIBRATION_COLUMNS},

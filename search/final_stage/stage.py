@@ -13,7 +13,6 @@ search, `search.final` alone.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import shutil
 import time
@@ -23,7 +22,7 @@ from typing import Sequence
 from search.final_stage.analysis import write_error_analysis, write_visualisations
 from search.final_stage.candidates import select_candidates
 from search.final_stage.outputs import print_table, write_exports, write_readme
-from search.final_stage.retrain import FinalRun, load_final_data, retrain_all, without_test
+from search.final_stage.retrain import FinalRun, load_final_data, ray_for, retrain_all, without_test
 from search.final_stage.scoring import (
     ANALYSIS_TTA,
     choose_analysed,
@@ -111,24 +110,6 @@ def run_final(settings: Settings, trials: Sequence[TrialRecord], *, clock: Clock
     print_table(table)
     print(f"\nfinal results: {out} (error analysis of {analysed})")
     return out
-
-
-@contextlib.contextmanager
-def ray_for(s: Settings):
-    """Ray for the stage's tasks (the runs, then the student): joined or started once, shut down after when
-    started here (search.run has started it already)."""
-    import ray
-
-    from search.tuning.cluster import start_ray
-
-    started = not ray.is_initialized()
-    if started:
-        start_ray(s)
-    try:
-        yield
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def distil(s: Settings, data: FERData, runs: list[FinalRun], *, epochs: int, out: Path, ttas: list[str],

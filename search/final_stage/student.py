@@ -19,11 +19,10 @@ import numpy as np
 
 from search.final_stage.candidates import Candidate
 from search.final_stage.retrain import FinalRun
-from search.final_stage.scoring import ANALYSIS_TTA, ensemble_members
+from search.final_stage.scoring import ensemble_members, val_accuracy
 from trainables.config import TrialConfig
 from trainables.data import FERData
 from trainables.distill import SOFT_WEIGHT, STUDENT_LR_SCALE, TEMPERATURE, distill_targets, teacher_probs
-from trainables.metrics import ensemble_probs
 from trainables.weights import load_weights, read_weights
 
 PREFIX = "distilled-"
@@ -50,11 +49,8 @@ class Student:
 def teachers_of(runs: Sequence[FinalRun], val_y: np.ndarray) -> list[FinalRun]:
     """The members of the teaching ensemble: of the stage's two ensembles those of two runs or more, the better by
     PublicTest accuracy without TTA (the first on a tie, as `outputs.write_exports` chooses); [] when neither is."""
-    def accuracy(members: Sequence[FinalRun]) -> float:
-        return float((ensemble_probs([r.val_probs[ANALYSIS_TTA] for r in members]).argmax(1) == val_y).mean())
-
     ensembles = [m for m in ensemble_members(runs).values() if len(m) > 1]
-    return list(max(ensembles, key=accuracy)) if ensembles else []
+    return list(max(ensembles, key=lambda m: val_accuracy(m, val_y)[1])) if ensembles else []
 
 
 def plan_student(runs: Sequence[FinalRun], val_y: np.ndarray, *, temperature: float = TEMPERATURE,

@@ -9,6 +9,11 @@ for. Besides `search.final`, this is the only command that may read PrivateTest.
 `--groups FILE` adds a per-group bias report (see `search.bias.groups`): accuracy and macro
 recall per group of the user's own attributes, with bootstrap intervals and the gap between
 the worst and the best group, written as a CSV and a PNG.
+
+With FER2013 labels and the FER+ votes (`fer2013new.csv` beside --data, or --ferplus), it also
+audits the labels (see `search.final_stage.labels`): accuracy against FER2013 and against the
+FER+ majority, which side FER+ takes on each mistake, and cleanlab's label issues with their
+precision against FER+, printed and written beside the groups report.
 """
 from __future__ import annotations
 
@@ -31,10 +36,11 @@ from search.bias.groups import (
     read_groups,
     write_group_report,
 )
+from search.final_stage.labels import ALL, headline, write_label_audit
 from search.final_stage.scoring import DEDUP_COLUMNS, duplicate_masks, score_split
 from search.tuning.cli import Parser, run_cli
 from trainables.calibration import CALIBRATION_COLUMNS, compare, fit_temperature
-from trainables.data import SPLITS, FERData, load_fer2013
+from trainables.data import EMOTIONS, SPLITS, FERData, load_fer2013
 from trainables.device import pick_device
 from trainables.errors import UserError
 from trainables.inference import TTA_MODES, predict
@@ -52,7 +58,7 @@ def load_eval_data(path: str, split: str, *, labels: str, ferplus: str | None, s
     if split not in SPLITS:
         raise UserError(f"unknown split '{split}'; choose from {list(SPLITS)}")
     return load_fer2013(path, splits=SPLITS[: SPLITS.index(split) + 1], labels=labels, ferplus_path=ferplus,
-                        seed=seed)
+                        seed=seed, votes=True)
 
 
 def format_metrics(rows: pd.DataFrame) -> str:
@@ -126,14 +132,15 @@ def build_parser() -> Parser:
     p.add_argument("--tta", nargs="+", default=["none", "flip"], choices=list(TTA_MODES),
                    help="test-time augmentations, each reported separately (default: none flip)")
     p.add_argument("--beta", type=float, default=1.0, help="beta of the F-beta score (default 1)")
-    p.add_argument("--ferplus", default="", help="FER+ votes file for models trained on FER+ labels "
-                                                 "(default fer2013new.csv beside --data)")
+    p.add_argument("--ferplus", default="", help="FER+ votes file: the labels of a model trained on FER+ labels, "
+                                                 "else the label audit's second opinion (default fer2013new.csv "
+                                                 "beside --data)")
     p.add_argument("--groups", default="", metavar="FILE",
                    help="CSV of group labels keyed by 'row' (0-based data row) or 'file' (image name), one column "
                         "per attribute: adds a per-group accuracy / macro recall report with bootstrap intervals")
     p.add_argument("--out", default="", metavar="DIR",
-                   help="folder for the --groups report (default results/<name>/final/groups/ for weights under "
-                        "final/models/, else beside the weights file)")
+                   help="folder for the --groups report and the label audit (default results/<name>/final/groups/ "
+                        "and final/labels/ for weights under final/models/, else beside the weights file)")
     p.add_argument("--bootstrap", type=int, default=None, metavar="N",
                    help=f"bootstrap replicates of the --groups intervals (default {N_BOOTSTRAP})")
     return p
@@ -142,9 +149,8 @@ def build_parser() -> Parser:
 def check_group_flags(a) -> GroupLabels | None:
     """The parsed groups file, or None without `--groups`; group-only flags without it are an error."""
     if not a.groups:
-        extra = [flag for flag, value in (("--out", a.out), ("--bootstrap", a.bootstrap)) if value not in ("", None)]
-        if extra:
-            raise UserError(f"{' and '.join(extra)} only apply to the per-group report; add --groups FILE")
+        if a.bootstrap is not None:
+            raise UserError("--bootstrap only applies to the per-group report; add --groups FILE")
         return None
     if a.bootstrap is not None and a.bootstrap < 1:
         raise UserError(f"--bootstrap must be at least 1 replicate, got {a.bootstrap}")
@@ -172,6 +178,31 @@ def print_groups(a, groups: pd.DataFrame, data: FERData, probs: np.ndarray, show
     csv, png = write_group_report(table, out, stem, title=f"{Path(a.model).name} on {shown}, tta={a.tta[0]}")
     print(f"group report: {csv}")
     print(f"group figure: {png}")
+
+
+AUDIT_SHOWN = ("emotion", "n", "n_ferplus", "n_agreed", "accuracy", "accuracy_ferplus", "accuracy_agreed",
+               "accuracy_either", "mistakes_ferplus", "ferplus_sides_model", "ferplus_sides_label",
+               "ferplus_sides_neither")
+
+
+def print_audit(a, data: FERData, probs: np.ndarray, tta: str, shown: str) -> None:
+    """The label audit of `probs` on `a.split` against the FER+ votes: printed, and written under --out."""
+    target = data.splits[a.split]
+    out = Path(a.out) if a.out else default_out_dir(a.model, "labels")
+    prefix = f"{Path(a.model).stem}-{shown}-"
+    table, summary = write_label_audit(out, Path(a.model).stem, probs, target.y.numpy(), target.votes.numpy(),
+                                       target.rows.numpy(), target.x.numpy(), data.classes, split=shown, tta=tta,
+                                       prefix=prefix)
+    left_out = table[table["emotion"] == ALL].iloc[0]
+    print(f"\n-- labels against FER+ (tta={tta}; the FER+ majority of {left_out['n_ferplus']} images, leaving out "
+          f"{left_out['n_contempt']} contempt, {left_out['n_unknown']} unknown, {left_out['n_not_face']} not a face "
+          f"and {left_out['n_no_majority']} without a majority)")
+    print(format_metrics(table[list(AUDIT_SHOWN)]))
+    print("\n-- cleanlab's label issues against FER+ (precision: the share FER+ relabels)")
+    print(format_metrics(summary))
+    print(f"\n{headline(table, summary)}")
+    print(f"label audit: {out / (prefix + 'label_audit.csv')} (and label_issues.csv, label_issues_summary.csv, "
+          f"label_audit.png)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -204,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_metrics(cal.drop(columns=["temperature", "source"])))
     if groups is not None:
         print_groups(a, groups, data, probs[ttas[0]], shown)
+    if data.splits[a.split].votes is not None and tuple(data.classes) == EMOTIONS:
+        print_audit(a, data, plain, "none", shown)
     return 0
 
 

@@ -45,7 +45,7 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 def load_search_data(s: Settings) -> FERData:
     """Training (the --train-fraction slice) and PublicTest only: the search never sees PrivateTest."""
     data = load_fer2013(s.data, splits=SEARCH_SPLITS, labels=s.labels, ferplus_path=s.ferplus or None,
-                        seed=s.seed)
+                        seed=s.seed, votes=True)
     if s.train_fraction < 1.0:
         train = stratified_fraction(data.train, s.train_fraction, seed=s.seed)
         data = FERData(classes=data.classes, splits={**data.splits, "Training": train}, source=data.source)
@@ -135,9 +135,9 @@ def asha_rungs(s: Settings) -> list[int]:
     return [*rungs, s.max_epochs]
 
 
-def seed_study(s: Settings, offer_weights: bool) -> StudySeed:
+def seed_study(s: Settings, offer_weights: bool, votes: bool = False) -> StudySeed:
     """What the study starts from: --warm-start's trials, the known-good configs (its `notes` say which)."""
-    seed = study_seed(s.space, ferplus=s.labels == "ferplus", offer_weights=offer_weights,
+    seed = study_seed(s.space, ferplus=s.labels == "ferplus", offer_weights=offer_weights, votes=votes,
                       warm_start=s.warm_start, use_known_good=s.known_good, current=s)
     return seed
 
@@ -169,7 +169,8 @@ def tpe_sampler(seed: int, n_startup_trials: int, max_latency_ms: float = 0.0):
 
 
 def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurrent: int, writer, *,
-                offer_weights: bool = False, study: StudySeed | None = None, stoppers: Sequence = (),
+                offer_weights: bool = False, votes: bool = False, study: StudySeed | None = None,
+                stoppers: Sequence = (),
                 callbacks: Sequence = (), reuse_actors: bool = True, pruner=None):
     """The Tuner: OptunaSearch (TPE or random, seeded) + ASHA or FIFO, or the restored one with --resume.
 
@@ -212,12 +213,12 @@ def build_tuner(s: Settings, data: FERData, exp: Path, resources: dict, concurre
         # Finished trials (errored ones included) stay as they are; unfinished ones continue.
         return tune.Tuner.restore(tune_location(exp, s.storage), trainable, resume_unfinished=True,
                                   resume_errored=False)
-    space = partial(get_space(s.space), ferplus=s.labels == "ferplus", offer_weights=offer_weights)
+    space = partial(get_space(s.space), ferplus=s.labels == "ferplus", offer_weights=offer_weights, votes=votes)
     if s.ema_fraction:  # every trial judged by (and the final stage keeping) its averaged weights
         space = partial(with_constants, space=space, constants={"ema_fraction": s.ema_fraction})
     sampler = (tpe_sampler(s.seed, startup_trials(s.num_samples), s.max_latency_ms) if s.searcher == "optuna"
                else optuna.samplers.RandomSampler(seed=s.seed))
-    study_db = prepared_storage(exp, study or seed_study(s, offer_weights))
+    study_db = prepared_storage(exp, study or seed_study(s, offer_weights, votes))
     searcher = ConcurrencyLimiter(TrackedOptunaSearch(space=space, metric=METRIC, mode=MODE, sampler=sampler,
                                                       storage=study_db, study_name=STUDY_NAME),
                                   max_concurrent=concurrent)
@@ -261,6 +262,9 @@ def header(s: Settings, data: FERData, resources: dict, concurrent: int, budget:
              f"data: {data.source}, {len(data.train)} Training images"
              + (f" ({100 * s.train_fraction:.0f}%)" if s.train_fraction < 1 else "")
              + f", {len(data.val)} PublicTest images (PrivateTest is read by the final stage only)"]
+    if data.train.votes is not None:
+        lines.append("FER+ votes found: the search also tries them as a share of the training target (ferplus_votes), "
+                     "and the final stage audits the labels against them")
     if budget:
         lines.append(f"time budget: {s.time_budget:.0f} s from the command's start ({budget.clock.elapsed():.0f} s "
                      f"gone); the search stops in time to leave the final stage at most "
@@ -298,7 +302,8 @@ def run_search(s: Settings, started: float | None = None) -> int:
         check_resume_settings(s)
     data = load_search_data(s)
     offer_weights = False if s.resume else offers_weights(s)  # a resumed search keeps its space
-    study = None if s.resume else seed_study(s, offer_weights)  # a bad --warm-start fails before Ray starts
+    votes = data.train.votes is not None  # FER+ votes beside FER2013 labels: a target the search may try
+    study = None if s.resume else seed_study(s, offer_weights, votes)  # a bad --warm-start fails before Ray starts
     cluster = start_ray(s)
     tolerate_lost_workers()
     resources, concurrent = trial_resources(s, cluster)
@@ -311,7 +316,7 @@ def run_search(s: Settings, started: float | None = None) -> int:
                           budget=active)
     pruner = CheckpointPruner(tune_location(exp, s.storage))
     tuner = build_tuner(s, data, exp, resources, concurrent, TrialsCsvWriter(exp, s.max_epochs),
-                        offer_weights=offer_weights, study=study, callbacks=[watch], pruner=pruner)
+                        offer_weights=offer_weights, votes=votes, study=study, callbacks=[watch], pruner=pruner)
     write_text(exp / "settings.json", s.to_json())
     budget = search_budget(s, clock, data, concurrent) if clock else None
     split = TimeSplit(budget=s.time_budget, startup=clock.elapsed()) if clock else None

@@ -55,7 +55,12 @@ def with_optuna_names(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _training(trial, *, ferplus: bool = False) -> dict[str, Any]:
+# The share of a training target that is the image's FER+ votes (trainables.data.ferplus.vote_targets): none,
+# half (the label keeps its say where FER+ disagrees) or all of it.
+VOTE_SHARES = [0.0, 0.5, 1.0]
+
+
+def _training(trial, *, ferplus: bool = False, votes: bool = False) -> dict[str, Any]:
     """Dimensions every family shares: optimizer, LR, schedule, augmentation, loss and sampling."""
     optimizer = trial.suggest_categorical("optimizer", ["sgd", "adam", "adamw"])
     lr_mode = trial.suggest_categorical("lr_mode", ["searched", "range_test"])
@@ -82,6 +87,8 @@ def _training(trial, *, ferplus: bool = False) -> dict[str, Any]:
     trial.suggest_categorical("imbalance", ["none", "weighted_loss", "balanced_sampler"])
     if ferplus:  # FER+ votes can be the training target instead of the majority label
         trial.suggest_categorical("soft_labels", [False, True])
+    elif votes:  # FER2013 labels with the FER+ votes at hand: the votes can share the target, for noisy labels
+        trial.suggest_categorical("ferplus_votes", VOTE_SHARES)
     return out
 
 
@@ -91,15 +98,16 @@ def _arch(trial, family: str) -> str:
     return choices[0] if len(choices) == 1 else trial.suggest_categorical(f"{family}_arch", choices)
 
 
-def convnet(trial, *, ferplus: bool = False, offer_weights: bool = False) -> dict[str, Any]:
+def convnet(trial, *, ferplus: bool = False, offer_weights: bool = False,
+            votes: bool = False) -> dict[str, Any]:
     """The small 2-3 block ConvNet: width, depth and dropout, plus the shared training dimensions."""
     trial.suggest_categorical("width", [16, 32, 48, 64])
     trial.suggest_int("depth", 2, 3)
     trial.suggest_float("dropout", 0.0, 0.5)
-    return {"arch": _arch(trial, "convnet"), **_training(trial, ferplus=ferplus)}
+    return {"arch": _arch(trial, "convnet"), **_training(trial, ferplus=ferplus, votes=votes)}
 
 
-def _torchvision_family(trial, family: str, *, ferplus: bool, offer_weights: bool) -> dict[str, Any]:
+def _torchvision_family(trial, family: str, *, ferplus: bool, offer_weights: bool, votes: bool) -> dict[str, Any]:
     arch = _arch(trial, family)
     # `offer_weights`: the ImageNet files are available, so starting from them is a choice.
     use_weights = trial.suggest_categorical("pretrained", [False, True]) if offer_weights else False
@@ -110,23 +118,26 @@ def _torchvision_family(trial, family: str, *, ferplus: bool, offer_weights: boo
         trial.suggest_categorical("input_size", [48, 96, 112, 224])
         trial.suggest_int("freeze_epochs", 0, 3)
     trial.suggest_float("dropout", 0.0, 0.5)
-    return {"arch": arch, "pretrained": use_weights, **_training(trial, ferplus=ferplus)}
+    return {"arch": arch, "pretrained": use_weights, **_training(trial, ferplus=ferplus, votes=votes)}
 
 
-def resnet(trial, *, ferplus: bool = False, offer_weights: bool = False) -> dict[str, Any]:
+def resnet(trial, *, ferplus: bool = False, offer_weights: bool = False,
+            votes: bool = False) -> dict[str, Any]:
     """ResNet-18/34/50/101: depth, stem, optional ImageNet weights, plus the shared dimensions."""
-    return _torchvision_family(trial, "resnet", ferplus=ferplus, offer_weights=offer_weights)
+    return _torchvision_family(trial, "resnet", ferplus=ferplus, offer_weights=offer_weights, votes=votes)
 
 
-def densenet(trial, *, ferplus: bool = False, offer_weights: bool = False) -> dict[str, Any]:
+def densenet(trial, *, ferplus: bool = False, offer_weights: bool = False,
+            votes: bool = False) -> dict[str, Any]:
     """DenseNet-121/169: as `resnet`."""
-    return _torchvision_family(trial, "densenet", ferplus=ferplus, offer_weights=offer_weights)
+    return _torchvision_family(trial, "densenet", ferplus=ferplus, offer_weights=offer_weights, votes=votes)
 
 
-def all_families(trial, *, ferplus: bool = False, offer_weights: bool = False) -> dict[str, Any]:
+def all_families(trial, *, ferplus: bool = False, offer_weights: bool = False,
+            votes: bool = False) -> dict[str, Any]:
     """The union: first the family, then that family's space."""
     family = trial.suggest_categorical("family", list(FAMILIES))
-    return SPACES[family](trial, ferplus=ferplus, offer_weights=offer_weights)
+    return SPACES[family](trial, ferplus=ferplus, offer_weights=offer_weights, votes=votes)
 
 
 SPACES: dict[str, Callable[..., dict[str, Any]]] = {

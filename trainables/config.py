@@ -74,6 +74,7 @@ class TrialConfig:
     label_smoothing: float = 0.0
     imbalance: str = "none"            # none, weighted_loss or balanced_sampler
     soft_labels: bool = False          # FER+: train on the vote distribution
+    ferplus_votes: float = 0.0         # FER2013 labels: this share of the target is the image's FER+ votes
     # weights
     ema_fraction: float = 0.0          # average the weights (EMA) over this share of the run; 0: off (see runner)
 

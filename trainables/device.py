@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from trainables.augment import to_input
-from trainables.data import Split
+from trainables.data import EMOTIONS, Split
+from trainables.data.ferplus import vote_targets
+from trainables.errors import UserError
 
 
 @dataclass
@@ -31,11 +33,19 @@ class DeviceSplit:
         return len(self.y)
 
 
-def to_device(split: Split, num_classes: int, device: torch.device, *, soft: bool = False) -> DeviceSplit:
-    """Move a split to `device`; with `soft` the FER+ vote distribution is the training target."""
+def to_device(split: Split, num_classes: int, device: torch.device, *, soft: bool = False,
+              votes: float = 0.0) -> DeviceSplit:
+    """Move a split to `device`; with `soft` its soft labels (FER+ votes, or a teacher's) are the training target,
+    with `votes` > 0 that share of the target is the image's FER+ vote distribution over the FER2013 emotions
+    (`ferplus.vote_targets`) and the rest its FER2013 label."""
     y = split.y.to(device)
     if soft and split.soft is not None:
         target = split.soft.to(device, torch.float32)
+    elif votes:
+        if split.votes is None or num_classes != len(EMOTIONS):
+            raise UserError("ferplus_votes needs the FER2013 labels with their FER+ votes: put Microsoft's "
+                            "fer2013new.csv beside fer2013.csv or pass --ferplus")
+        target = vote_targets(split.votes, split.y, votes).to(device)
     else:
         target = F.one_hot(y, num_classes).float()
     return DeviceSplit(x=split.x.to(device), y=y, target=target)

@@ -165,7 +165,7 @@ def build_run(config: TrialConfig | Mapping[str, Any], data: FERData, *, epochs:
     model = model_from_config(cfg, nc).to(device)
     if fast_training(device):
         model = model.to(memory_format=torch.channels_last)
-    train = to_device(data.train, nc, device, soft=cfg.soft_labels)
+    train = to_device(data.train, nc, device, soft=cfg.soft_labels, votes=cfg.ferplus_votes)
     val = to_device(data.val, nc, device)
     class_weights, sample_weights = _imbalance(cfg.imbalance, class_counts(data.train, nc), data.train.y)
     class_weights = class_weights.to(device) if class_weights is not None else None

@@ -320,11 +320,11 @@ def _gap_row(attribute: str, group_rows: list[dict], reps: Mapping[str, tuple[np
 
 # --------------------------------------------------------------------------- outputs
 
-def default_out_dir(weights: str | os.PathLike) -> Path:
-    """`results/<name>/final/groups/` for weights under `final/models/`, else the weights' own folder."""
+def default_out_dir(weights: str | os.PathLike, sub: str = "groups") -> Path:
+    """`results/<name>/final/<sub>/` for weights under `final/models/`, else the weights' own folder."""
     parent = Path(weights).parent
     if parent.name == "models" and parent.parent.name == "final":
-        return parent.parent / "groups"
+        return parent.parent / sub
     return parent
 
 

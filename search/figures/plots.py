@@ -99,6 +99,42 @@ def plot_mistakes(images: np.ndarray, captions: Sequence[str], path: str | os.Pa
                 title=title or ("no mistakes" if not len(images) else ""))
 
 
+def plot_vote_mistakes(images: np.ndarray, counts: np.ndarray, labels: Sequence[int], predicted: Sequence[int],
+                       confidence: Sequence[float], rows: Sequence[int], class_names: Sequence[str],
+                       path: str | os.PathLike, *, title: str = "", columns: int = 3) -> None:
+    """Mistakes beside their FER+ votes: each face (N, H, W uint8), then a bar per emotion with its vote count
+    (`counts` (N, C + 1): the C emotions, then the votes for none of them), the FER2013 label's bar blue, the
+    model's prediction orange."""
+    n = len(images)
+    grid = max(1, math.ceil(n / columns))
+    fig = Figure(figsize=(3.6 * min(columns, max(n, 1)), 1.55 * grid + 0.5), layout="constrained")
+    cells = fig.subfigures(grid, min(columns, max(n, 1)), squeeze=False)
+    names = [*class_names, "other"]
+    for k, cell in enumerate(cells.flat):
+        if k >= n:
+            continue
+        face, bars = cell.subplots(1, 2, width_ratios=[1, 1.6])
+        face.imshow(images[k], cmap="gray", vmin=0, vmax=255)
+        face.axis("off")
+        colour = ["#bbbbbb"] * len(names)
+        colour[int(labels[k])], colour[int(predicted[k])] = "#1f77b4", "#ff7f0e"
+        bars.barh(range(len(names)), counts[k], color=colour)
+        bars.set_yticks(range(len(names)), names, fontsize=6)
+        for i, tick in enumerate(bars.get_yticklabels()):  # named in colour even where the bar has no vote
+            if colour[i] != "#bbbbbb":
+                tick.set_color(colour[i])
+                tick.set_fontweight("bold")
+        bars.invert_yaxis()
+        bars.tick_params(axis="x", labelsize=6)
+        bars.set_xlim(0, max(10, int(np.max(counts[k])) if len(counts[k]) else 10))
+        cell.suptitle(f"row {rows[k]}: label {class_names[int(labels[k])]}, model {class_names[int(predicted[k])]} "
+                      f"{confidence[k]:.0%}", fontsize=7)
+    fig.suptitle((title or "mistakes and their FER+ votes") + ("" if n else ": no mistakes")
+                 + "\nblue: the FER2013 label, orange: the model's prediction; bars: FER+ annotators' votes",
+                 fontsize=8)
+    save_figure(fig, path)
+
+
 # --------------------------------------------------------------------------- what the network learned
 
 def plot_kernels(model: "torch.nn.Module", path: str | os.PathLike, *, title: str = "", most: int = 64) -> None:

@@ -1,5 +1,5 @@
 """The final stage's error analysis and pictures: confusion, confused pairs, the most confident mistakes,
-reliability, first-layer kernels and activations per emotion."""
+reliability, the label audit against FER+, first-layer kernels and activations per emotion."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,10 +13,11 @@ from search.figures.plots import (
     plot_mistakes,
     plot_reliability,
 )
+from search.final_stage.labels import headline, write_label_audit
 from search.final_stage.retrain import FinalRun
 from search.final_stage.scoring import ANALYSIS_TTA, confusion_table
 from trainables.calibration import reliability
-from trainables.data import FERData
+from trainables.data import EMOTIONS, FERData
 from trainables.device import pick_device
 from trainables.files import write_csv
 from trainables.metrics import confused_pairs, misclassified
@@ -51,6 +52,17 @@ def write_error_analysis(out: Path, model: str, full: dict, data: FERData, ttas:
                                                     m["probs_calibrated"]))},
                      out / "reliability.png",
                      title=f"{data.test_name} reliability of {model} (tta={ANALYSIS_TTA}; T fitted on PublicTest)")
+
+
+def write_audit(out: Path, model: str, full: dict, data: FERData) -> str | None:
+    """The label audit of `model` (`search.final_stage.labels`) when the test split carries FER+ votes; returns its
+    headline, or None (no votes, or labels other than FER2013's)."""
+    test = data.test
+    if test.votes is None or tuple(data.classes) != EMOTIONS:
+        return None
+    return headline(*write_label_audit(out, model, full[model, ANALYSIS_TTA]["probs"], test.y.numpy(),
+                                       test.votes.numpy(), test.rows.numpy(), test.x.numpy(), data.classes,
+                                       split=data.test_name, tta=ANALYSIS_TTA))
 
 
 def write_visualisations(out: Path, runs: Sequence[FinalRun], data: FERData) -> str:

@@ -61,8 +61,11 @@ class FinalRun:
 # --------------------------------------------------------------------------- data (the protocol)
 
 def load_final_data(s: Settings) -> FERData:
-    """All three splits, with the FULL Training split (the search's --train-fraction does not apply here)."""
-    return load_fer2013(s.data, splits=SPLITS, labels=s.labels, ferplus_path=s.ferplus or None, seed=s.seed)
+    """All three splits, with the FULL Training split (the search's --train-fraction does not apply here), and
+    their FER+ votes where there are any (FER2013 labels): a configuration may train on them, and the stage
+    audits its labels with them."""
+    return load_fer2013(s.data, splits=SPLITS, labels=s.labels, ferplus_path=s.ferplus or None, seed=s.seed,
+                        votes=True)
 
 
 def without_test(data: FERData) -> FERData:

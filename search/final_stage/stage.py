@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from search.final_stage.analysis import write_error_analysis, write_visualisations
+from search.final_stage.analysis import write_audit, write_error_analysis, write_visualisations
 from search.final_stage.candidates import select_candidates
+from search.final_stage.labels import AUDIT_FILES
 from search.final_stage.outputs import print_table, write_exports, write_readme
 from search.final_stage.retrain import FinalRun, load_final_data, ray_for, retrain_all, without_test
 from search.final_stage.scoring import (
@@ -45,9 +46,12 @@ FINAL_DIR = "final"
 
 
 def clear_outputs(out: Path) -> None:
-    """Remove the weights, exports and TensorBoard runs of an earlier final stage, so no stale run is left behind."""
+    """Remove the weights, exports and TensorBoard runs of an earlier final stage, and its label audit (this one
+    may have no FER+ votes to audit with), so no stale output is left behind."""
     for sub in ("models", "tensorboard", "export"):
         shutil.rmtree(out / sub, ignore_errors=True)
+    for name in AUDIT_FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 def run_final(settings: Settings, trials: Sequence[TrialRecord], *, clock: Clock | None = None,
@@ -78,6 +82,10 @@ def run_final(settings: Settings, trials: Sequence[TrialRecord], *, clock: Clock
         candidates = candidates[skip:skip + s.final_top_k]
         epochs, distill_epochs = s.final_epochs, plan.student_epochs
         student_deadline = clock.deadline - plan.eval_seconds
+    voted = [c.name for c in candidates if c.config.ferplus_votes]
+    if voted and data.train.votes is None:
+        raise UserError(f"{', '.join(voted)} trained on FER+ votes (ferplus_votes), which {s.data} does not have: "
+                        f"put Microsoft's fer2013new.csv beside it or pass --ferplus")
     # --ema-fraction: the search's (each trial's config holds it) unless search.final was given another.
     candidates = [dataclasses.replace(c, config=dataclasses.replace(c.config, ema_fraction=s.ema_fraction))
                   for c in candidates]
@@ -100,6 +108,7 @@ def run_final(settings: Settings, trials: Sequence[TrialRecord], *, clock: Clock
     write_csv(per_class_table(full), out / "per_class.csv")
     analysed = choose_analysed(full, runs, student)
     write_error_analysis(out, analysed, full, data, ttas)
+    audit = write_audit(out, analysed, full, data)
     write_visualisations(out, runs, data)
     write_exports(out, runs, full, student)
     write_readme(out, s, analysed, epochs, ttas, test_name=data.test_name)
@@ -108,6 +117,8 @@ def run_final(settings: Settings, trials: Sequence[TrialRecord], *, clock: Clock
           f"{len(runs)} runs, {time.perf_counter() - start:.0f} s (training {trained - start:.0f} s, "
           f"scoring and figures {time.perf_counter() - trained:.0f} s):")
     print_table(table)
+    if audit:
+        print(f"\n{audit} ({out / 'label_audit.csv'})")
     print(f"\nfinal results: {out} (error analysis of {analysed})")
     return out
 

@@ -60,9 +60,10 @@ def plan_student(runs: Sequence[FinalRun], val_y: np.ndarray, *, temperature: fl
     if not teachers:
         return None
     start = max(runs, key=lambda r: r.val_acc)  # the best single run, as the stage exports it
-    config: TrialConfig = dataclasses.replace(start.candidate.config, soft_labels=True, schedule="cosine",
-                                              warmup_fraction=0.0, lr=start.lr * STUDENT_LR_SCALE,
-                                              ema_fraction=0.0)
+    # The teachers' probabilities are the soft targets (they learnt whatever FER+ votes they trained on).
+    config: TrialConfig = dataclasses.replace(start.candidate.config, soft_labels=True, ferplus_votes=0.0,
+                                              schedule="cosine", warmup_fraction=0.0,
+                                              lr=start.lr * STUDENT_LR_SCALE, ema_fraction=0.0)
     candidate = dataclasses.replace(start.candidate, config=config, prefix=PREFIX)
     return Student(candidate=candidate, start=start, teachers=teachers, temperature=temperature, weight=weight)
 

@@ -204,6 +204,44 @@ def final_section(exp: Path, figures: Path) -> Section:
     return sec
 
 
+LABEL_COLUMNS = ("emotion", "n", "n_ferplus", "n_agreed", "label_agreement", "accuracy", "accuracy_ferplus",
+                 "accuracy_agreed", "accuracy_either", "mistakes_ferplus", "ferplus_sides_model",
+                 "ferplus_sides_label", "ferplus_sides_neither")
+
+
+def labels_section(exp: Path, figures: Path) -> Section:
+    """The label audit of the final stage (`search.final_stage.labels`): FER2013's labels read against FER+."""
+    final = exp / "final"
+    sec = Section("labels", "Labels against FER+")
+    if not (final / "label_audit.csv").is_file():
+        sec.note("No label audit: the final stage audits the labels when Microsoft's FER+ votes (fer2013new.csv) "
+                 "are beside the FER2013 data or given with --ferplus.")
+        return sec
+    table = pd.read_csv(final / "label_audit.csv")
+    model, every = table["model"].iloc[0], table.iloc[0]
+    sec.note(f"Of {model}'s {every['mistakes']} PrivateTest mistakes, {every['mistakes_ferplus']} have a FER+ "
+             f"majority among the 7 emotions; FER+ sides with the model on {every['ferplus_sides_model']:.0%} of "
+             f"them, with the FER2013 label on {every['ferplus_sides_label']:.0%}, with neither on "
+             f"{every['ferplus_sides_neither']:.0%}. Counting a prediction right when either label has it lifts "
+             f"accuracy from {every['accuracy']:.1%} to {every['accuracy_either']:.1%}.")
+    sec.table(table[[c for c in LABEL_COLUMNS if c in table.columns]],
+              "label_audit.csv, over all images and per FER2013 label: accuracy against the FER2013 label, the FER+ "
+              "majority (n_ferplus images: contempt, unknown, not-a-face and no majority left out) and on the "
+              "agreed subset; of the mistakes FER+ can judge, the share where it sides with the model, the label or "
+              "neither.")
+    summary = final / "label_issues_summary.csv"
+    if summary.is_file():
+        sec.table(pd.read_csv(summary).drop(columns=["model", "tta"]),
+                  "cleanlab's label issues (from the model's PrivateTest probabilities) against FER+: "
+                  "precision_ferplus is the share of the flagged images whose FER+ majority differs from their "
+                  "FER2013 label, against every image (base_rate) and every mistake of the model.")
+    if (final / "label_audit.png").is_file():
+        shutil.copyfile(final / "label_audit.png", figures / "label_audit.png")
+        sec.figure(figures / "label_audit.png", "The most confident mistakes beside their FER+ votes: the FER2013 "
+                                                "label in blue, the model's prediction in orange.")
+    return sec
+
+
 def model_sections(exp: Path, s: Settings, figures: Path, data: str | None) -> list[Section]:
     looks = Section("gradcam", "Where the model looks (Grad-CAM)")
     space = Section("features", "The feature space")
@@ -319,7 +357,7 @@ def write_report(exp: Path, *, data: str | None = None) -> Path:
     figures.mkdir(parents=True)
     trials = read_trials(exp)
     sections = [search_section(exp, s, trials, figures), trials_section(trials), final_section(exp, figures),
-                *model_sections(exp, s, figures, data), settings_section(s, exp)]
+                labels_section(exp, figures), *model_sections(exp, s, figures, data), settings_section(s, exp)]
     write_text(exp / REPORT_FILE, render(s, sections, summary(trials, exp)))
     log_to_tensorboard(exp, sections)
     return exp / REPORT_FILE

@@ -82,7 +82,8 @@ def study_of(experiment_dir: Path, s: Settings, trials: pd.DataFrame, history: p
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize")
     offer_weights = "config/pretrained" in trials.columns
-    space = partial(get_space(s.space), ferplus=s.labels == "ferplus", offer_weights=offer_weights)
+    space = partial(get_space(s.space), ferplus=s.labels == "ferplus", offer_weights=offer_weights,
+                    votes="config/ferplus_votes" in trials.columns)
     for _, row in trials.iterrows():
         config = {c.removeprefix("config/"): _plain(v) for c, v in row.items()
                   if c.startswith("config/") and not pd.isna(v)}

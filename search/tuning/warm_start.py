@@ -64,7 +64,7 @@ KNOWN_GOOD["all"] = [{"family": family, **config} for family in ("convnet", "res
 # Both recipes train from scratch on the hard labels; these keys matter only where the space
 # offers ImageNet weights or FER+ votes (a key the space does not draw is ignored).
 for _config in (c for configs in KNOWN_GOOD.values() for c in configs):
-    _config.update(pretrained=False, soft_labels=False)
+    _config.update(pretrained=False, soft_labels=False, ferplus_votes=0.0)
 
 
 def replay(space: Callable, config: dict[str, Any]):
@@ -159,13 +159,13 @@ class StudySeed:
 
 
 def study_seed(space_name: str, *, ferplus: bool, offer_weights: bool, warm_start: str,
-               use_known_good: bool, current=None) -> StudySeed:
+               use_known_good: bool, current=None, votes: bool = False) -> StudySeed:
     """The earlier trials of --warm-start that fit the space and its known-good configurations; writes nothing,
     so a bad --warm-start fails before anything is created. `current`: this search's Settings, against which
     the earlier experiment's labels, data and fidelity are compared."""
     from spaces import get_space
 
-    space = partial(get_space(space_name), ferplus=ferplus, offer_weights=offer_weights)
+    space = partial(get_space(space_name), ferplus=ferplus, offer_weights=offer_weights, votes=votes)
     if warm_start and not (Path(warm_start) / "settings.json").is_file():
         raise UserError(f"--warm-start {warm_start} is not an experiment folder (no settings.json); "
                         f"pass results/<name>")

@@ -14,11 +14,12 @@ for them. `load_fer2013` picks the reader by what `path` is:
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from trainables.data.demo import make_demo
-from trainables.data.ferplus import apply_ferplus
+from trainables.data.ferplus import apply_ferplus, attach_votes
 from trainables.data.folders import load_folder
 from trainables.data.kaggle_csv import load_csv
 from trainables.data.splits import (
@@ -42,7 +43,7 @@ __all__ = ["EMOTIONS", "FERPLUS_CLASSES", "LABEL_SETS", "SEARCH_SPLITS", "SPLITS
 
 def load_fer2013(path: str | os.PathLike, *, splits: Sequence[str] = SEARCH_SPLITS,
                  labels: str = "fer2013", ferplus_path: str | os.PathLike | None = None,
-                 val_fraction: float = 0.1, seed: int = 0, cache: bool = True) -> FERData:
+                 val_fraction: float = 0.1, seed: int = 0, cache: bool = True, votes: bool = False) -> FERData:
     """Load the requested FER2013 splits from "demo", a Kaggle `fer2013.csv`, or an image folder.
 
     Only the splits named in `splits` are parsed; the default is the search protocol's
@@ -55,7 +56,11 @@ def load_fer2013(path: str | os.PathLike, *, splits: Sequence[str] = SEARCH_SPLI
     test split is named "test"); folder rows number the files in (emotion, natural file
     name) order. `labels="ferplus"` replaces the
     7 FER2013 labels by the 8 FER+ classes from `ferplus_path` (default `fer2013new.csv`
-    beside the CSV), see `ferplus.apply_ferplus`. Every data problem raises `UserError`.
+    beside the CSV), see `ferplus.apply_ferplus`. With `votes` and FER2013 labels from a CSV,
+    every split also carries its FER+ vote counts (`Split.votes`, see `ferplus.attach_votes`)
+    from `ferplus_path`, or from `fer2013new.csv` beside the CSV when that file is there (when it
+    is not, or cannot be read, the splits carry none and a warning says why; a `ferplus_path`
+    that is wrong is an error). Every data problem raises `UserError`.
     """
     names = check_splits(splits)
     if labels not in LABEL_SETS:
@@ -78,5 +83,22 @@ def load_fer2013(path: str | os.PathLike, *, splits: Sequence[str] = SEARCH_SPLI
     if labels == "ferplus":
         votes_path = Path(ferplus_path) if ferplus_path else src.with_name("fer2013new.csv")
         return FERData(FERPLUS_CLASSES, apply_ferplus(loaded, n_rows, votes_path), os.fspath(path))
+    if votes:
+        loaded = with_votes(loaded, n_rows, src, ferplus_path)
     return FERData(EMOTIONS, loaded, os.fspath(path))
+
+
+def with_votes(loaded: dict[str, Split], n_rows: int, src: Path,
+               ferplus_path: str | os.PathLike | None) -> dict[str, Split]:
+    """`loaded` with FER+ votes attached, when there are votes to attach (see `load_fer2013`)."""
+    if ferplus_path:
+        return attach_votes(loaded, n_rows, Path(ferplus_path))
+    beside = src.with_name("fer2013new.csv")
+    if not beside.is_file():
+        return loaded
+    try:
+        return attach_votes(loaded, n_rows, beside)
+    except UserError as e:  # a file the user did not name must not stop a FER2013 run
+        print(f"warning: FER+ votes not used ({e})", file=sys.stderr, flush=True)
+        return loaded
 

@@ -1,6 +1,13 @@
-"""FER+ labels: Microsoft's `fer2013new.csv` votes, joined to fer2013.csv by row position."""
+"""FER+ labels: Microsoft's `fer2013new.csv` votes, joined to fer2013.csv by row position.
+
+Two uses: `apply_ferplus` replaces the 7 FER2013 labels by the 8 FER+ classes (`--labels ferplus`);
+`attach_votes` keeps the FER2013 labels and carries each image's 10 raw vote counts beside them
+(`Split.votes`), which the label audit (`trainables.label_audit`) and the FER+ vote targets
+(`vote_targets`, the `ferplus_votes` hyperparameter) read.
+"""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +18,13 @@ from trainables.data.splits import FERPLUS_CLASSES, Split
 from trainables.errors import UserError
 
 FERPLUS_COLUMNS = ("Usage", "Image name", *FERPLUS_CLASSES, "unknown", "NF")
+VOTE_COLUMNS = FERPLUS_COLUMNS[2:]   # the 10 vote columns, in the file's order
+# For each FER2013 emotion (EMOTIONS order: angry, disgust, fear, happy, sad, surprise, neutral), its FER+ column.
+# Contempt has no FER2013 counterpart; unknown and NF (not a face) are not emotions.
+FER2013_COLUMNS = tuple(FERPLUS_CLASSES.index(c) for c in
+                        ("anger", "disgust", "fear", "happiness", "sadness", "surprise", "neutral"))
+# Why a FER+ majority is left out of the 7 shared emotions (`majority7`), in the order they are counted.
+LEFT_OUT = ("contempt", "unknown", "not_face", "no_majority")
 
 
 def majority_labels(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -30,6 +44,69 @@ def majority_labels(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return keep, top[keep].astype(np.int64), (emo / emo.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+def majority7(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The FER+ majority (`majority_labels`' rule) as a FER2013 emotion index, -1 where there is none.
+
+    Returns the labels (N,) and, per row, "" for a kept row or the reason it is left out: its
+    majority is `contempt` (no FER2013 counterpart), `unknown` or `not_face`, or no column has more
+    than half of the votes left after dropping single votes (`no_majority`).
+    """
+    v = np.where(votes > 1, votes, 0)
+    top = v.argmax(axis=1)
+    clear = v.max(axis=1) > 0.5 * v.sum(axis=1)
+    to7 = np.full(len(VOTE_COLUMNS), -1)
+    to7[list(FER2013_COLUMNS)] = np.arange(len(FER2013_COLUMNS))
+    labels = np.where(clear, to7[top], -1).astype(np.int64)
+    named = np.array(["", "contempt", "unknown", "not_face"])[np.select(
+        [top == FERPLUS_CLASSES.index("contempt"), top == VOTE_COLUMNS.index("unknown"),
+         top == VOTE_COLUMNS.index("NF")], [1, 2, 3], 0)]
+    reasons = np.where(clear, named, "no_majority")
+    return labels, reasons
+
+
+def fold_votes(votes: np.ndarray) -> np.ndarray:
+    """The FER+ vote distribution over the 7 FER2013 emotions: (N, 7) float32, rows summing to 1, or 0 where no
+    vote is left.
+
+    Single votes are dropped as outliers, as Microsoft's rule does; contempt, unknown and not-a-face
+    votes are left out (no FER2013 emotion to give them to), and the rest renormalised.
+    """
+    v = np.where(votes > 1, votes, 0)[:, list(FER2013_COLUMNS)].astype(np.float64)
+    total = v.sum(axis=1, keepdims=True)
+    return np.divide(v, total, out=np.zeros_like(v), where=total > 0).astype(np.float32)
+
+
+def vote_targets(votes: torch.Tensor, y: torch.Tensor, weight: float) -> torch.Tensor:
+    """Training targets (N, 7) float32: `weight` of the folded FER+ vote distribution (`fold_votes`), the rest the
+    FER2013 label; an image with no vote left (all on contempt, unknown or not-a-face) keeps its label alone."""
+    if not 0 <= weight <= 1:
+        raise UserError(f"ferplus_votes must be in [0, 1], got {weight}")
+    onehot = torch.nn.functional.one_hot(y.cpu(), len(FER2013_COLUMNS)).float()
+    folded = torch.from_numpy(fold_votes(votes.cpu().numpy()))
+    has = folded.sum(dim=1, keepdim=True) > 0
+    return torch.where(has, weight * folded + (1 - weight) * onehot, onehot)
+
+
+def attach_votes(splits: dict[str, Split], n_rows: int, votes_path: Path) -> dict[str, Split]:
+    """`splits` with their FER2013 labels, each carrying its images' 10 FER+ vote counts (`Split.votes`, int16),
+    joined by row position as `apply_ferplus` joins them."""
+    usage, votes = _read_ferplus(votes_path, n_rows)
+    out = {}
+    for name, s in splits.items():
+        rows = s.rows.numpy()
+        _check_usage(usage, rows, name, votes_path)
+        out[name] = dataclasses.replace(s, votes=torch.from_numpy(votes[rows].astype(np.int16)))
+    return out
+
+
+def _check_usage(usage: np.ndarray, rows: np.ndarray, name: str, votes_path: Path) -> None:
+    disagree = np.flatnonzero(usage[rows] != name)
+    if len(disagree):
+        r = int(rows[disagree[0]])
+        raise UserError(f"{votes_path}, line {r + 2}: Usage {usage[r]!r} but fer2013 row {r} is {name}; "
+                        f"the FER+ file does not match this fer2013.csv")
+
+
 def apply_ferplus(splits: dict[str, Split], n_rows: int, votes_path: Path) -> dict[str, Split]:
     """Relabel FER2013 splits with FER+ votes, joined by row position, under `majority_labels`.
 
@@ -41,11 +118,7 @@ def apply_ferplus(splits: dict[str, Split], n_rows: int, votes_path: Path) -> di
     out = {}
     for name, s in splits.items():
         rows = s.rows.numpy()
-        disagree = np.flatnonzero(usage[rows] != name)
-        if len(disagree):
-            r = int(rows[disagree[0]])
-            raise UserError(f"{votes_path}, line {r + 2}: Usage {usage[r]!r} but fer2013 row {r} is {name}; "
-                            f"the FER+ file does not match this fer2013.csv")
+        _check_usage(usage, rows, name, votes_path)
         keep, labels, soft = majority_labels(votes[rows])
         if not keep.any():
             raise UserError(f"split {name} has no image with a FER+ majority emotion in {votes_path}")

@@ -31,17 +31,20 @@ class Split:
 
     `x` is uint8 (N, 48, 48), `y` int64 (N,), `rows` int64 (N,) is the 0-based data row in
     the source CSV (or the file order for image folders), and `soft` is float32 (N, C) with
-    rows summing to 1 when the labels are FER+ vote distributions.
+    rows summing to 1 when the labels are FER+ vote distributions. `votes` is int16 (N, 10): the FER+
+    vote counts of each image (`ferplus.VOTE_COLUMNS`) beside its FER2013 label, when they were loaded
+    (`load_fer2013(..., votes=True)`).
     """
 
     x: torch.Tensor
     y: torch.Tensor
     rows: torch.Tensor
     soft: torch.Tensor | None = None
+    votes: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         n = len(self.x)
-        lengths = [len(self.y), len(self.rows)] + ([] if self.soft is None else [len(self.soft)])
+        lengths = [len(self.y), len(self.rows)] + [len(t) for t in (self.soft, self.votes) if t is not None]
         if any(m != n for m in lengths):  # a bug in the caller, not a user error
             raise ValueError(f"Split fields differ in length: x has {n}, others {lengths}")
 
@@ -55,7 +58,8 @@ class Split:
             if idx.numel() == 0:
                 idx = idx.long()   # np.asarray([]) is float64, which torch refuses as an index
         soft = None if self.soft is None else self.soft[idx]
-        return Split(self.x[idx], self.y[idx], self.rows[idx], soft)
+        votes = None if self.votes is None else self.votes[idx]
+        return Split(self.x[idx], self.y[idx], self.rows[idx], soft, votes)
 
 
 @dataclass(frozen=True)

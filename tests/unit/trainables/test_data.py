@@ -26,6 +26,8 @@ from trainables.data import (
     make_demo,
     stratified_fraction,
 )
+from trainables.data.ferplus import fold_votes, majority7, vote_targets
+from trainables.device import to_device
 from trainables.errors import UserError
 
 HEADER = "emotion,pixels,Usage"
@@ -579,6 +581,66 @@ def test_ferplus_errors(small_csv: Path, tmp_path: Path) -> None:
     other = write_ferplus(tmp_path / "other.csv", usages=usages)
     with pytest.raises(UserError, match=rf"{re.escape(str(other))}, line 8: .*does not match"):
         load_fer2013(small_csv, labels="ferplus", ferplus_path=other)
+
+
+# FER+ votes beside the FER2013 labels (the label audit, the ferplus_votes target): SMALL_ROWS' labels are
+# angry, happy, neutral, happy, disgust | sad, surprise | fear, neutral.
+FERPLUS_MAJORITY7 = [6, -1, 3, -1, -1, -1, -1, -1, 2]   # neutral, -, happy, -, -, -, -, -, fear
+FERPLUS_REASONS = ["", "not_face", "", "no_majority", "unknown", "contempt", "no_majority", "not_face", ""]
+
+
+def test_ferplus_majority_as_fer2013_emotions_with_the_reason_for_each_left_out():
+    labels, reasons = majority7(np.array([v for _, v in FERPLUS_ROWS]))
+    assert labels.tolist() == FERPLUS_MAJORITY7
+    assert reasons.tolist() == FERPLUS_REASONS
+
+
+def test_folded_votes_and_the_targets_they_make():
+    v = np.array([v for _, v in FERPLUS_ROWS])
+    folded = fold_votes(v)
+    assert folded.shape == (9, 7)   # angry, disgust, fear, happy, sad, surprise, neutral
+    assert np.allclose(folded[0], np.array([0, 0, 0, 0, 2, 0, 5]) / 7)   # single votes dropped
+    assert np.allclose(folded[2], np.eye(7)[3]) and np.allclose(folded[6], [0, 0.5, 0.5, 0, 0, 0, 0])
+    assert not folded[[1, 4, 5, 7]].any()   # not a face, unknown, contempt: no FER2013 emotion to give
+    y = torch.tensor([y for y, _ in SMALL_ROWS])
+    half = vote_targets(torch.from_numpy(v).short(), y, 0.5)
+    assert torch.allclose(half[0], torch.tensor([0.5, 0, 0, 0, 1 / 7, 0, 5 / 14]))   # label angry
+    assert torch.equal(half[1], torch.eye(7)[3])   # no vote left: the label alone
+    assert torch.allclose(half.sum(dim=1), torch.ones(9))
+    assert torch.equal(vote_targets(torch.from_numpy(v).short(), y, 0.0), torch.eye(7)[y])
+    with pytest.raises(UserError, match="ferplus_votes must be in"):
+        vote_targets(torch.from_numpy(v), y, 1.5)
+
+
+def test_votes_ride_beside_the_fer2013_labels(small_csv: Path, tmp_path: Path, capsys) -> None:
+    assert load_fer2013(small_csv, splits=SPLITS, votes=True).test.votes is None   # no file: none, quietly
+    write_ferplus(small_csv.parent / "fer2013new.csv")
+    d = load_fer2013(small_csv, splits=SPLITS, votes=True)
+    assert d.classes == EMOTIONS and d.train.y.tolist() == [0, 3, 6, 3, 1]   # the labels stay FER2013's
+    assert d.train.votes.dtype == torch.int16 and d.train.votes.shape == (5, 10)
+    assert d.test.votes.tolist() == [FERPLUS_ROWS[7][1], FERPLUS_ROWS[8][1]]
+    assert d.train.subset([1, 3]).votes.tolist() == [FERPLUS_ROWS[1][1], FERPLUS_ROWS[3][1]]
+    assert load_fer2013(small_csv, splits=SPLITS).test.votes is None           # only when asked
+    assert load_fer2013(small_csv, labels="ferplus", splits=SPLITS, votes=True).test.votes is None
+    rows = list(FERPLUS_ROWS)
+    rows[4] = ("x.png", [1, 0, 0, "two", 0, 0, 0, 0, 0, 0])
+    write_ferplus(small_csv.parent / "fer2013new.csv", rows)
+    assert load_fer2013(small_csv, splits=SPLITS, votes=True).train.votes is None   # a file not named: warned
+    assert "warning: FER+ votes not used" in capsys.readouterr().err
+    bad = write_ferplus(tmp_path / "bad.csv", rows)
+    with pytest.raises(UserError, match="sadness vote 'two'"):                      # a file named: an error
+        load_fer2013(small_csv, splits=SPLITS, votes=True, ferplus_path=bad)
+
+
+def test_a_vote_target_needs_votes(small_csv: Path) -> None:
+    d = load_fer2013(small_csv, splits=SPLITS)
+    with pytest.raises(UserError, match="ferplus_votes needs the FER2013 labels with their FER\\+ votes"):
+        to_device(d.train, 7, torch.device("cpu"), votes=0.5)
+    write_ferplus(small_csv.parent / "fer2013new.csv")
+    d = load_fer2013(small_csv, splits=SPLITS, votes=True)
+    target = to_device(d.train, 7, torch.device("cpu"), votes=0.5).target
+    assert torch.equal(target, vote_targets(d.train.votes, d.train.y, 0.5))
+    assert torch.equal(to_device(d.train, 7, torch.device("cpu")).target, torch.eye(7)[d.train.y])
 
 
 # --------------------------------------------------------------------------- the real data

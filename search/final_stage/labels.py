@@ -170,13 +170,14 @@ def _keyed(df: pd.DataFrame, keys: dict) -> pd.DataFrame:
 
 
 def headline(table: pd.DataFrame, summary: pd.DataFrame) -> str:
-    """The audit in two sentences, from the "all" row and cleanlab's precision, for the console."""
+    """The audit in three sentences, from the "all" row and cleanlab's precision, for the console."""
     a = table[table["emotion"] == ALL].iloc[0]
     c = summary[summary["flag"] == "cleanlab"].iloc[0]
     return (f"labels against FER+: accuracy {a['accuracy']:.1%} on the FER2013 labels, {a['accuracy_ferplus']:.1%} "
             f"on the FER+ majority ({a['n_ferplus']} of {a['n']} images), {a['accuracy_agreed']:.1%} where the two "
             f"agree ({a['n_agreed']}); of {a['mistakes_ferplus']} mistakes FER+ can judge it sides with the model on "
-            f"{a['ferplus_sides_model']:.0%}, with the label on {a['ferplus_sides_label']:.0%}. cleanlab flags "
-            f"{c['n_flagged']} images, {c['precision_ferplus']:.0%} of them relabelled by FER+ "
-            f"(base rate {c['base_rate']:.0%})")
+            f"{a['ferplus_sides_model']:.0%}, with the label on {a['ferplus_sides_label']:.0%}; counting a prediction "
+            f"right when it matches either label gives {a['accuracy_either']:.1%}, "
+            f"{100 * a['noise_points']:.1f} points above the headline. cleanlab flags {c['n_flagged']} images, "
+            f"{c['precision_ferplus']:.0%} of them relabelled by FER+ (base rate {c['base_rate']:.0%})")
 

@@ -88,6 +88,13 @@ measured once on {test_name}, which the search never read. TTA modes: {', '.join
 - `kernels.png`, `activations.png`: the first-layer kernels of the best single run, and per
   emotion its mean PublicTest face with where its deepest convolution that keeps a spatial grid
   fires more (red) or less (blue) than on the average emotion.
+- `label_audit.csv`, `label_issues.csv`, `label_issues_summary.csv`, `label_audit.png` (only when
+  Microsoft's FER+ votes, fer2013new.csv, were beside the data or given with --ferplus): the
+  analysed model's {test_name} predictions read against the FER+ majority of ten annotators
+  (accuracy against each label and where the two agree; of its mistakes, the share where FER+
+  sides with the model, the label or neither; per emotion), cleanlab's label issues ranked from
+  its probabilities with their precision against FER+ (the share FER+ relabels, against the base
+  rate), and its most confident mistakes beside their vote bars. It reports; it chose nothing.
 - `models/<config>-seed<k>.pt`: state_dict, config and classes (`torch.load(..., weights_only=True)`,
   or `python -m search.evaluate --model ... --data ...`), with the config as JSON beside it.
 - `tensorboard/<config>-seed<k>/`: per-epoch scalars of each run (`tensorboard --logdir {out}`).

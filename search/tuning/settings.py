@@ -93,7 +93,9 @@ class Settings:
     address: str = _flag("", "address of a running Ray cluster", default_text="a local Ray instance")
     labels: str = _flag("fer2013", "fer2013: the original 7 labels; ferplus: FER+ votes, 8 classes",
                         choices=LABEL_SETS, what="label set")
-    ferplus: str = _flag("", "FER+ votes file", default_text="fer2013new.csv beside --data", metavar="PATH")
+    ferplus: str = _flag("", "FER+ votes file: --labels ferplus reads its labels; with FER2013 labels, its votes (the "
+                         "ferplus_votes dimension, the label audit)", default_text="fer2013new.csv beside --data",
+                         metavar="PATH")
     pretrained: str = _flag("auto", "ImageNet weights as a search dimension: search, off, or auto "
                                     "(search where every file of the space exists)",
                             choices=PRETRAINED_MODES, what="pretrained mode")

@@ -18,9 +18,9 @@ COMMANDS = {f"search.{p.stem}" for p in (ROOT / "search").glob("*.py") if p.stem
 PUBLISHED = {"search.run", "search.final", "search.evaluate", "search.lr_find", "search.augment_preview",
              "search.report", "search.predict", "search.export_model"}
 # What only commands outside a trial use: no module a trial imports may import these, so a trial worker
-# never loads OpenCV, ONNX, captum or matplotlib.
+# never loads OpenCV, ONNX, captum, matplotlib or cleanlab (the label audit's).
 SERVING_AND_FIGURES = ("search.serving", "search.figures")
-HEAVY_LIBRARIES = ("cv2", "onnx", "onnxruntime", "captum", "matplotlib")
+HEAVY_LIBRARIES = ("cv2", "onnx", "onnxruntime", "captum", "matplotlib", "cleanlab")
 # Imported only where used (a ResNet or DenseNet built, a metric table computed): a ConvNet trial's worker
 # process would otherwise spend 2-3 s of a core importing them.
 LAZY_LIBRARIES = ("torchvision", "sklearn")
@@ -146,7 +146,7 @@ def test_a_trial_never_imports_serving_or_figures():
     assert not offending, offending
 
 
-def test_a_convnet_trial_process_loads_no_opencv_onnx_captum_matplotlib_torchvision_or_sklearn():
+def test_a_convnet_trial_process_loads_no_opencv_onnx_captum_matplotlib_cleanlab_torchvision_or_sklearn():
     # What a ConvNet trial's worker does (import the trainable, build a run, train and score one epoch)
     # pulls in none of the serving, figure or lazily imported libraries: they would cost it seconds.
     code = ("import sys; import trainables.tune_trainable; from trainables.data import make_demo; "

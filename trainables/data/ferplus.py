@@ -2,7 +2,7 @@
 
 Two uses: `apply_ferplus` replaces the 7 FER2013 labels by the 8 FER+ classes (`--labels ferplus`);
 `attach_votes` keeps the FER2013 labels and carries each image's 10 raw vote counts beside them
-(`Split.votes`), which the label audit (`trainables.label_audit`) and the FER+ vote targets
+(`Split.votes`), which the label audit (`search.final_stage.labels`) and the FER+ vote targets
 (`vote_targets`, the `ferplus_votes` hyperparameter) read.
 """
 from __future__ import annotations

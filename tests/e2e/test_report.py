@@ -23,7 +23,7 @@ SEARCH_FIGURES = {"anytime", "learning_curves", "pareto", "importance", "objecti
                   "parallel_coordinates"}
 FINAL_FIGURES = {"confusion_matrix", "misclassified", "reliability", "kernels", "activations"}
 MODEL_FIGURES = {"gradcam_examples", "gradcam_mean", "embedding", "top_activating"}
-SECTIONS = ["search", "trials", "final", "gradcam", "features", "settings"]
+SECTIONS = ["search", "trials", "final", "labels", "gradcam", "features", "settings"]
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ import pandas as pd
 
 from trainables.data.ferplus import FER2013_COLUMNS, LEFT_OUT, VOTE_COLUMNS, majority7
 from trainables.files import write_csv
+from trainables.metrics import misclassified
 
 ALL = "all"
 AUDIT_FILE, ISSUES_FILE, ISSUES_SUMMARY_FILE, AUDIT_FIGURE = (
@@ -147,8 +148,7 @@ def write_label_audit(out: Path, model: str, probs: np.ndarray, y: np.ndarray, v
     for df, name in ((table, AUDIT_FILE), (issues, ISSUES_FILE), (summary, ISSUES_SUMMARY_FILE)):
         write_csv(_keyed(df.copy(), keys), out / f"{prefix}{name}")
     pred = probs.argmax(axis=1)
-    wrong = np.flatnonzero(pred != y)
-    shown = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:MISTAKES_DRAWN]
+    shown = misclassified(probs, y, rows, classes).head(MISTAKES_DRAWN).index.to_numpy()
     plot_vote_mistakes(x[shown], folded_counts(votes[shown]), y[shown], pred[shown], probs[shown, pred[shown]],
                        np.asarray(rows)[shown], classes, out / f"{prefix}{AUDIT_FIGURE}",
                        title=f"most confident {split} mistakes of {model} (tta={tta}) with their FER+ votes")

@@ -27,6 +27,13 @@ FER2013_COLUMNS = tuple(FERPLUS_CLASSES.index(c) for c in
 LEFT_OUT = ("contempt", "unknown", "not_face", "no_majority")
 
 
+def _counted(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Microsoft's counting rule: votes of 1 dropped as outliers. Returns the votes left (N, 10), each row's top
+    column, and whether that column holds more than half of the votes left (a clear majority)."""
+    v = np.where(votes > 1, votes, 0)
+    return v, v.argmax(axis=1), v.max(axis=1) > 0.5 * v.sum(axis=1)
+
+
 def majority_labels(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Microsoft's FER+ reference rule (FERPlus repository, mode `majority`) over the 10 vote columns.
 
@@ -36,11 +43,9 @@ def majority_labels(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     mask (N,), the hard labels of the kept rows, and their soft labels: the 8 emotions'
     remaining votes normalised to sum 1.
     """
-    v = np.where(votes > 1, votes, 0).astype(np.float64)
-    total = v.sum(axis=1)
-    top = v.argmax(axis=1)
-    keep = (v.max(axis=1) > 0.5 * total) & (top < len(FERPLUS_CLASSES))
-    emo = v[keep, :len(FERPLUS_CLASSES)]
+    v, top, clear = _counted(votes)
+    keep = clear & (top < len(FERPLUS_CLASSES))
+    emo = v[keep, :len(FERPLUS_CLASSES)].astype(np.float64)
     return keep, top[keep].astype(np.int64), (emo / emo.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
@@ -51,9 +56,7 @@ def majority7(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     majority is `contempt` (no FER2013 counterpart), `unknown` or `not_face`, or no column has more
     than half of the votes left after dropping single votes (`no_majority`).
     """
-    v = np.where(votes > 1, votes, 0)
-    top = v.argmax(axis=1)
-    clear = v.max(axis=1) > 0.5 * v.sum(axis=1)
+    _, top, clear = _counted(votes)
     to7 = np.full(len(VOTE_COLUMNS), -1)
     to7[list(FER2013_COLUMNS)] = np.arange(len(FER2013_COLUMNS))
     labels = np.where(clear, to7[top], -1).astype(np.int64)
@@ -71,7 +74,7 @@ def fold_votes(votes: np.ndarray) -> np.ndarray:
     Single votes are dropped as outliers, as Microsoft's rule does; contempt, unknown and not-a-face
     votes are left out (no FER2013 emotion to give them to), and the rest renormalised.
     """
-    v = np.where(votes > 1, votes, 0)[:, list(FER2013_COLUMNS)].astype(np.float64)
+    v = _counted(votes)[0][:, list(FER2013_COLUMNS)].astype(np.float64)
     total = v.sum(axis=1, keepdims=True)
     return np.divide(v, total, out=np.zeros_like(v), where=total > 0).astype(np.float32)
 
